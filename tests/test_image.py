@@ -1,0 +1,397 @@
+"""Tests of vmlab.image (the guest image builder).
+
+Unit tests use a fake kernel (a tiny ELF with a PVH note) and need only gcc,
+libc6-dev and busybox-static. The integration tests build the real image from
+Debian's kernel package (downloads ~70 MB once; uses the real cache dir unless
+VMLAB_CACHE is set) and boot it under QEMU/TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from vmlab import image as vi
+from vmlab.errors import ImageError, SetupError
+
+REPO_GUEST = Path(vi.__file__).resolve().parent / "guest"
+
+STUB_AGENT = r"""
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/reboot.h>
+static void dump(const char *path) {
+    char buf[512];
+    FILE *f = fopen(path, "r");
+    printf("== %s\n", path);
+    if (!f) { printf("(missing)\n"); return; }
+    while (fgets(buf, sizeof buf, f)) fputs(buf, stdout);
+    fclose(f);
+}
+int main(void) {
+    printf("AGENT-STUB\n");
+    dump("/proc/modules");
+    dump("/sys/module/libata/parameters/dma");
+    printf("AGENT-STUB-END\n");
+    fflush(stdout);
+    sync();
+    reboot(RB_POWER_OFF);
+    return 0;
+}
+"""
+
+HAVE_BUILD_TOOLS = bool(shutil.which("gcc")) and any(
+    os.path.isfile(p) for p in ("/bin/busybox", "/usr/bin/busybox"))
+needs_build_tools = pytest.mark.skipif(not HAVE_BUILD_TOOLS,
+                                       reason="needs gcc, libc6-dev and busybox-static")
+
+
+def make_guest_dir(path: Path, agent: str = "int main(){return 0;}\n") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_GUEST / "init", path / "init")
+    shutil.copy(REPO_GUEST / "modules.txt", path / "modules.txt")
+    (path / "vmagent.c").write_text(agent)
+    (path / "vmbench.c").write_text("int main(){return 0;}\n")
+    return path
+
+
+def fake_elf_kernel(path: Path, version: str = "6.0.0-fake") -> Path:
+    """A tiny ELF64 with one PT_NOTE holding the Xen PVH entry note."""
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x1000000)
+    phoff, noteoff = 64, 64 + 56
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+            + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, phoff, 0, 0,
+                          64, 56, 1, 64, 0, 0))
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, noteoff, 0, 0, len(note), len(note), 4)
+    body = ehdr + phdr + note + f"Linux version {version} (fake)\0".encode() + bytes(4096)
+    path.write_bytes(body)
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A private cache and no kernel overrides."""
+    for var in ("VMLAB_KERNEL", "VMLAB_KERNEL_MODULES", "VMLAB_VERIFY_IMAGE", "VMLAB_BUSYBOX",
+                "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VMLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def fake_kernel(env, monkeypatch):
+    k = fake_elf_kernel(env / "vmlinux-fake")
+    monkeypatch.setenv("VMLAB_KERNEL", str(k))
+    return k
+
+
+# --------------------------------------------------------------------------- cache dir
+
+
+def test_cache_dir_honours_vmlab_cache_and_is_0700(env):
+    d = vi.cache_dir()
+    assert d == env / "cache"
+    assert d.is_dir()
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_cache_dir_xdg_and_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("VMLAB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert vi.cache_dir() == tmp_path / "xdg" / "vmlab"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert vi.cache_dir() == tmp_path / "home" / ".cache" / "vmlab"
+    assert stat.S_IMODE((tmp_path / "home" / ".cache" / "vmlab").stat().st_mode) == 0o700
+
+
+def test_unusable_cache_dir_names_dir_and_fix(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("VMLAB_CACHE", str(blocker / "cache"))
+    with pytest.raises(ImageError) as ei:
+        vi.cache_dir()
+    assert str(blocker / "cache") in str(ei.value)
+    assert "VMLAB_CACHE" in ei.value.fix
+
+
+# --------------------------------------------------------------------------- cpio
+
+
+def test_cpio_round_trip_and_determinism(tmp_path):
+    src = tmp_path / "tree"
+    (src / "bin").mkdir(parents=True)
+    (src / "etc").mkdir()
+    (src / "bin" / "tool").write_bytes(b"\x7fELF" + bytes(range(256)) * 3)
+    os.chmod(src / "bin" / "tool", 0o755)
+    (src / "etc" / "hostname").write_text("vmlab\n")
+    os.symlink("tool", src / "bin" / "alias")
+    extra = [vi.CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))]
+    a, b = tmp_path / "a.cpio", tmp_path / "b.cpio"
+    vi.write_cpio(src, a, extra=extra)
+    os.utime(src / "etc" / "hostname", (1, 1))      # mtimes must not matter
+    vi.write_cpio(src, b, extra=extra)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.stat().st_size % 512 == 0
+
+    entries = vi.read_cpio(a)
+    names = [e["name"] for e in entries]
+    assert names == ["bin", "bin/alias", "bin/tool", "dev", "dev/console", "etc",
+                     "etc/hostname"]
+    assert [e["ino"] for e in entries] == list(range(1, len(entries) + 1))
+    assert all(e["mtime"] == 0 and e["uid"] == 0 and e["gid"] == 0 for e in entries)
+    by = {e["name"]: e for e in entries}
+    assert by["bin/tool"]["data"] == (src / "bin" / "tool").read_bytes()
+    assert stat.S_IMODE(by["bin/tool"]["mode"]) == 0o755
+    assert stat.S_ISLNK(by["bin/alias"]["mode"]) and by["bin/alias"]["data"] == b"tool"
+    assert stat.S_ISCHR(by["dev/console"]["mode"]) and by["dev/console"]["rdev"] == (5, 1)
+    assert stat.S_ISDIR(by["dev"]["mode"])          # parent added automatically
+    assert by["etc/hostname"]["data"] == b"vmlab\n"
+
+    if shutil.which("cpio"):
+        out = subprocess.run(["cpio", "-t", "--quiet"], stdin=open(a, "rb"),
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out == names
+
+
+# --------------------------------------------------------------------------- vmlinux
+
+
+def test_extract_vmlinux_finds_the_elf_xz_stream(tmp_path):
+    elf = fake_elf_kernel(tmp_path / "elf")
+    blob = (b"MZ" + bytes(500)
+            + lzma.compress(b"not an elf at all", format=lzma.FORMAT_XZ)   # a decoy stream
+            + bytes(17) + vi.XZ_MAGIC + b"garbage"                        # a broken one
+            + lzma.compress(elf.read_bytes(), format=lzma.FORMAT_XZ)
+            + b"trailing data")
+    bz = tmp_path / "vmlinuz"
+    bz.write_bytes(blob)
+    vi.extract_vmlinux(bz, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == elf.read_bytes()
+    vi.extract_vmlinux(elf, tmp_path / "out2")                          # ELF: as is
+    assert (tmp_path / "out2").read_bytes() == elf.read_bytes()
+    assert vi._elf_info(elf)["pvh"]
+
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"MZ" + bytes(100) + lzma.compress(b"no elf", format=lzma.FORMAT_XZ))
+    with pytest.raises(ImageError) as ei:
+        vi.extract_vmlinux(bad, tmp_path / "out3")
+    assert ei.value.fix and "VMLAB_KERNEL" in ei.value.fix
+    assert not (tmp_path / "out3").exists()
+
+
+def test_dynamic_busybox_is_refused():
+    with pytest.raises(SetupError) as ei:
+        vi._check_static(Path("/bin/ls"))
+    assert "busybox-static" in ei.value.fix
+
+
+# --------------------------------------------------------------------------- key
+
+
+@needs_build_tools
+def test_key_changes_only_when_guest_files_change(env, fake_kernel):
+    g = make_guest_dir(env / "guest")
+    k1 = vi.image_status(guest_dir=g)["key"]
+    assert k1 and len(k1) == 16
+    assert vi.image_status(guest_dir=g)["key"] == k1
+    os.utime(g / "init", (1, 1))                   # touching is not a change
+    assert vi.image_status(guest_dir=g)["key"] == k1
+    (g / "vmbench.c").write_text("int main(){return 1;}\n")
+    k2 = vi.image_status(guest_dir=g)["key"]
+    assert k2 != k1
+    (g / "vmbench.c").write_text("int main(){return 0;}\n")
+    assert vi.image_status(guest_dir=g)["key"] == k1
+    (g / "extra.txt").write_text("new file")
+    assert vi.image_status(guest_dir=g)["key"] != k1
+
+
+# --------------------------------------------------------------------------- modules
+
+
+@needs_build_tools
+def test_missing_required_module_names_it_and_the_fix(env, fake_kernel, monkeypatch):
+    mods = env / "modules" / "6.0.0-fake"
+    (mods / "kernel" / "drivers" / "virtio").mkdir(parents=True)
+    for name in ("virtio_pci", "virtio", "virtio_blk"):
+        (mods / "kernel" / "drivers" / "virtio" / f"{name}.ko").write_bytes(b"")
+    (mods / "modules.dep").write_text(
+        "kernel/drivers/virtio/virtio.ko:\n"
+        "kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio.ko\n"
+        "kernel/drivers/virtio/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\n")
+    monkeypatch.setenv("VMLAB_KERNEL_MODULES", str(mods))
+    g = make_guest_dir(env / "guest")
+    with pytest.raises(ImageError) as ei:
+        vi.ensure_image(guest_dir=g)
+    assert "virtio_console" in str(ei.value)
+    assert "virtio_pci" not in ei.value.message.split("lacks")[1]
+    assert ei.value.fix and "VMLAB_KERNEL" in ei.value.fix
+    # nothing half-built is left behind
+    images = vi.cache_dir() / "images"
+    assert [p.name for p in images.iterdir() if p.name != ".lock"] == []
+
+
+def test_module_closure_resolves_dependencies(tmp_path):
+    mods = tmp_path / "6.0.0-fake"
+    mods.mkdir()
+    (mods / "modules.dep").write_text(
+        "kernel/a/virtio.ko:\n"
+        "kernel/a/virtio_pci.ko: kernel/a/virtio.ko\n"
+        "kernel/b/crc-t10dif.ko:\n"
+        "kernel/b/sd_mod.ko: kernel/b/crc-t10dif.ko\n")
+    (mods / "modules.builtin").write_text("kernel/net/packet/af_packet.ko\n")
+    c = vi._module_closure(mods, [("virtio-pci", True), ("sd_mod", False),
+                                  ("af_packet", False), ("e1000", False)])
+    assert c["paths"] == ["kernel/a/virtio.ko", "kernel/a/virtio_pci.ko",
+                          "kernel/b/crc-t10dif.ko", "kernel/b/sd_mod.ko"]
+    assert c["missing"] == ["e1000"]
+    assert c["builtin"] == ["af_packet"]
+
+
+# --------------------------------------------------------------------------- cache reuse
+
+
+@needs_build_tools
+def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
+    g = make_guest_dir(env / "guest")
+    msgs: list[str] = []
+    img = vi.ensure_image(guest_dir=g, progress=msgs.append)
+    assert img.kernel.read_bytes() == fake_kernel.read_bytes()
+    assert img.kernel_version == "6.0.0-fake"
+    assert img.root == vi.cache_dir() / "images" / img.key
+    m = json.loads((img.root / "manifest.json").read_text())
+    assert m["outputs"]["initrd.cpio"]["size"] == img.initrd.stat().st_size
+    assert m["modules"] == [] and "virtio_pci" in m["modules_missing"]
+    assert stat.S_IMODE(img.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(img.initrd.stat().st_mode) == 0o600
+
+    names = {e["name"]: e for e in vi.read_cpio(img.initrd)}
+    for must in ("init", "bin/busybox", "bin/sh", "bin/modprobe", "bin/vmagent", "bin/vmbench",
+                 "dev/console", "dev/null", "etc/passwd", "etc/hostname",
+                 "etc/vmlab/manifest.json", "proc", "sys", "tmp", "sbin", "usr/bin"):
+        assert must in names, must
+    assert stat.S_IMODE(names["init"]["mode"]) == 0o755
+    assert names["dev/null"]["rdev"] == (1, 3)
+    assert json.loads(names["etc/vmlab/manifest.json"]["data"])["key"] == img.key
+
+    t = time.perf_counter()
+    again = vi.ensure_image(guest_dir=g)
+    assert time.perf_counter() - t < 1.0
+    assert again.key == img.key and again.kernel == img.kernel
+
+    # truncated: the cheap size check finds it and rebuilds
+    with open(img.kernel, "r+b") as f:
+        f.truncate(100)
+    msgs.clear()
+    fixed = vi.ensure_image(guest_dir=g, progress=msgs.append)
+    assert any("damaged" in s for s in msgs), msgs
+    assert fixed.kernel.read_bytes() == fake_kernel.read_bytes()
+
+    # same size but corrupt: found with VMLAB_VERIFY_IMAGE=1
+    data = bytearray(fixed.initrd.read_bytes())
+    data[-600] ^= 0xFF
+    fixed.initrd.write_bytes(bytes(data))
+    monkeypatch.setenv("VMLAB_VERIFY_IMAGE", "1")
+    msgs.clear()
+    again = vi.ensure_image(guest_dir=g, progress=msgs.append)
+    assert any("damaged" in s for s in msgs), msgs
+    assert vi._sha256_file(again.initrd) == again.manifest["outputs"]["initrd.cpio"]["sha256"]
+
+    st = vi.image_status(guest_dir=g)
+    assert st["built"] and st["key"] == img.key and st["problems"] == []
+    leftovers = [p.name for p in (vi.cache_dir() / "images").iterdir()
+                 if p.name.startswith(".") and p.name != ".lock"]
+    assert leftovers == []
+
+
+@needs_build_tools
+def test_cli_status_and_build_json(env, fake_kernel, capsys, monkeypatch):
+    monkeypatch.setattr(vi, "DEFAULT_GUEST_DIR", make_guest_dir(env / "guest"))
+    assert vi.build_image_cli(["image", "status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["built"] is False and st["problems"] == []
+    assert vi.build_image_cli(["build", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ok"] and res["kernel_version"] == "6.0.0-fake"
+    assert vi.build_image_cli(["status"]) == 0
+    assert "built" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def _boot(img: vi.GuestImage, append: str = "") -> tuple[str, float, int]:
+    cmd = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+           "-M", "pc", "-m", "128", "-accel", "tcg",
+           "-kernel", str(img.kernel), "-initrd", str(img.initrd),
+           "-append", f"console=ttyS0 quiet panic=-1 {append}".strip(),
+           "-serial", "stdio", "-no-reboot"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out.decode(errors="replace"), time.monotonic() - t0, proc.returncode
+
+
+@pytest.fixture(scope="module")
+def real_image(tmp_path_factory):
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    g = make_guest_dir(tmp_path_factory.mktemp("guest"), agent=STUB_AGENT)
+    saved = {v: os.environ.pop(v, None) for v in ("VMLAB_KERNEL", "VMLAB_KERNEL_MODULES")}
+    try:
+        t0 = time.monotonic()
+        img = vi.ensure_image(guest_dir=g, progress=print)
+        print(f"ensure_image: {time.monotonic() - t0:.2f} s")
+        t0 = time.monotonic()
+        assert vi.ensure_image(guest_dir=g).key == img.key
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
+    return img
+
+
+@pytest.mark.integration
+def test_real_image_boots_and_loads_modules(real_image):
+    img = real_image
+    assert img.kernel.read_bytes()[:4] == b"\x7fELF"
+    assert vi._elf_info(img.kernel)["pvh"]
+    assert img.kernel_version.endswith("-amd64") and "cloud" not in img.kernel_version
+    assert img.manifest["modules_missing"] == []
+    for m in ("virtio_pci", "virtio_console", "e1000", "8139cp", "ata_piix", "libata"):
+        assert m in img.manifest["modules"]
+    out, seconds, rc = _boot(img)
+    print(f"boot: {seconds:.2f} s")
+    assert f"vmlab-init: starting agent on {img.kernel_version}" in out, out[-3000:]
+    assert "AGENT-STUB-END" in out, out[-3000:]
+    modules = out.split("== /proc/modules", 1)[1].split("==", 1)[0]
+    loaded = {line.split()[0] for line in modules.strip().splitlines() if line.strip()}
+    # modprobe resolved virtio_pci's dependencies from the image's modules.dep
+    assert {"virtio_pci", "virtio", "virtio_ring", "virtio_console"} <= loaded, modules
+    assert rc == 0
+
+
+@pytest.mark.integration
+def test_real_image_module_options_from_cmdline(real_image):
+    out, seconds, rc = _boot(real_image, "libata.dma=0 vmlab.modules=ata_piix")
+    assert "AGENT-STUB-END" in out, out[-3000:]
+    modules = out.split("== /proc/modules", 1)[1].split("==", 1)[0]
+    assert "ata_piix" in modules and "libata" in modules
+    dma = out.split("== /sys/module/libata/parameters/dma", 1)[1].strip().splitlines()[0]
+    assert dma == "0"          # busybox modprobe applied libata.dma=0 from /proc/cmdline

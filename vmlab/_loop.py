@@ -1,0 +1,65 @@
+"""A private asyncio event loop on a daemon thread.
+
+vmlab is written async once. Its synchronous names run the coroutines on this
+loop, the way jupyter_client does: a Jupyter kernel already runs an event loop
+in the main thread, so ``asyncio.run`` and ``run_until_complete`` fail there,
+while a loop of our own on another thread works everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Coroutine, Optional, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: Optional[asyncio.AbstractEventLoop] = None
+_thread: Optional[threading.Thread] = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """Return the private loop, starting its thread on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _thread is None or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def main() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            _thread = threading.Thread(target=main, name="vmlab-loop", daemon=True)
+            _thread.start()
+            ready.wait()
+            _loop = loop
+        return _loop
+
+
+def in_loop_thread() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
+    """Run *coro* on the private loop and wait for its result.
+
+    A KeyboardInterrupt while waiting (a notebook cell interrupted) cancels the
+    coroutine before it propagates, so no half-done operation keeps running.
+    """
+    if in_loop_thread():
+        coro.close()
+        raise RuntimeError("vmlab's synchronous API was called from its own event loop; "
+                           "use the async API (AsyncVM) inside coroutines")
+    fut = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise
+    except KeyboardInterrupt:
+        fut.cancel()
+        raise

@@ -1,0 +1,180 @@
+"""QEMU itself: finding the binary, its version, and the command line for a spec.
+
+The command line is locked down by default: ``-nodefaults``, no display,
+``-sandbox on``, QMP and every chardev on file descriptors the library hands
+over (socketpairs), user networking with ``restrict=on``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .errors import SetupError
+from .spec import NIC_MODELS, MachineSpec
+
+AGENT_PORT = "org.vmlab.agent"
+BASE_KERNEL_ARGS = "console={console} quiet panic=-1 tsc=reliable no_timer_check"
+
+
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64 (``$VMLAB_QEMU`` overrides)."""
+    name = os.environ.get("VMLAB_QEMU", "qemu-system-x86_64")
+    path = shutil.which(name)
+    if not path:
+        raise SetupError(f"QEMU is not installed: {name!r} is not on PATH",
+                         fix="apt-get install qemu-system-x86 qemu-utils (or run `make setup`); "
+                             "or set VMLAB_QEMU to the binary")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SetupError(f"cannot run {path} --version: {exc}",
+                         fix="reinstall QEMU: apt-get install --reinstall qemu-system-x86") from exc
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
+    if not m:
+        raise SetupError(f"{path} did not report a version ({out.strip()[:80]!r})",
+                         fix="point VMLAB_QEMU at a qemu-system-x86_64 binary")
+    return m.group(1)
+
+
+def qemu_version() -> str:
+    return _version_of(qemu_binary())
+
+
+def qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if not path:
+        raise SetupError("qemu-img is not installed", fix="apt-get install qemu-utils")
+    return path
+
+
+@dataclass
+class Launch:
+    """The pieces of one QEMU launch: its argv and the fds it inherits."""
+
+    argv: List[str]
+    pass_fds: Tuple[int, ...]
+    kernel_cmdline: str
+    # Name -> QEMU id of things the driver talks to later.
+    ids: Dict[str, str] = field(default_factory=dict)
+
+
+def kernel_cmdline(spec: MachineSpec) -> str:
+    console = "hvc0" if spec.console == "virtio" else "ttyS0"
+    words = [BASE_KERNEL_ARGS.format(console=console)]
+    mods = list(spec.modules)
+    for d in spec.disks:
+        mods += {"virtio": ["virtio_blk"], "ide": ["ata_piix", "sd_mod"], "ahci": ["ahci", "sd_mod"],
+                 "scsi": ["virtio_scsi", "sd_mod"], "nvme": ["nvme"]}[d.bus]
+    for n in spec.nics:
+        mods += {"virtio": ["virtio_net"], "e1000": ["e1000"], "rtl8139": ["8139cp"]}[n.model]
+        mods.append("af_packet")
+    if spec.balloon:
+        mods.append("virtio_balloon")
+    seen: List[str] = []
+    for m in mods:
+        if m not in seen:
+            seen.append(m)
+    if seen:
+        words.append("vmlab.modules=" + ",".join(seen))
+    if spec.kernel_args.strip():
+        words.append(spec.kernel_args.strip())
+    return " ".join(words)
+
+
+def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
+                 qmp_fd: int, agent_fd: int, console_fd: int, private_dir: Path,
+                 disk_paths: List[Path], nic_fds: List[Optional[int]],
+                 paused: bool = False, incoming_fd: Optional[int] = None,
+                 trace_file: Optional[Path] = None) -> Launch:
+    """The QEMU argv for a validated spec. ``accel`` is the resolved one (tcg|kvm)."""
+    cmdline = kernel_cmdline(spec)
+    a: List[str] = [qemu_binary(),
+                    "-name", f"vmlab-{spec.name},debug-threads=on",
+                    "-nodefaults", "-no-user-config", "-display", "none",
+                    "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                    "-machine", f"{spec.machine},accel={accel}",
+                    "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
+                    "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+                    "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+                    "-chardev", f"socket,id=con0,fd={console_fd}",
+                    "-device", "virtio-serial-pci,id=vser0",
+                    "-chardev", f"socket,id=agent,fd={agent_fd}",
+                    "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}"]
+    if spec.cpu_model:
+        a += ["-cpu", spec.cpu_model]
+    if spec.console == "virtio":
+        a += ["-device", "virtconsole,bus=vser0.0,chardev=con0"]
+    else:
+        a += ["-serial", "chardev:con0"]
+    if not spec.reboot:
+        a += ["-no-reboot"]
+    fds = [qmp_fd, agent_fd, console_fd]
+    ids: Dict[str, str] = {}
+    scsi = False
+    ide_unit = 0
+    for i, (d, path) in enumerate(zip(spec.disks, disk_paths)):
+        node = f"disk{i}"
+        opts = [f"file={path}", f"format={d.format}", "if=none", f"id={node}", f"cache={d.cache}",
+                "aio=threads"]
+        if d.readonly:
+            opts.append("readonly=on")
+        if d.snapshot:
+            opts.append("snapshot=on")
+        a += ["-drive", ",".join(opts)]
+        serial = f",serial={d.serial}" if d.serial else f",serial=vmlab{i}"
+        if d.bus == "virtio":
+            dev = f"virtio-blk-pci,drive={node},id=dev{node}{serial}"
+        elif d.bus == "ide":
+            dev = f"ide-hd,drive={node},id=dev{node},bus=ide.{ide_unit // 2},unit={ide_unit % 2}{serial}"
+            ide_unit += 1
+        elif d.bus == "ahci":
+            a += ["-device", f"ahci,id=ahci{i}"]
+            dev = f"ide-hd,drive={node},id=dev{node},bus=ahci{i}.0{serial}"
+        elif d.bus == "scsi":
+            if not scsi:
+                a += ["-device", "virtio-scsi-pci,id=scsi0"]
+                scsi = True
+            dev = f"scsi-hd,drive={node},id=dev{node},bus=scsi0.0{serial}"
+        else:  # nvme
+            dev = f"nvme,drive={node},id=dev{node},serial={d.serial or f'vmlab{i}'}"
+        a += ["-device", dev]
+        ids[f"disk{i}"] = node
+    for i, (n, fd) in enumerate(zip(spec.nics, nic_fds)):
+        net = f"net{i}"
+        if n.backend == "user":
+            opts = [f"user,id={net}", "restrict=on", "ipv6=off"]
+            opts += [f"hostfwd=tcp:127.0.0.1:{hp}-:{gp}" for hp, gp in n.forwards]
+            a += ["-netdev", ",".join(opts)]
+        elif n.backend == "socket":
+            assert fd is not None
+            a += ["-netdev", f"socket,id={net},fd={fd}"]
+            fds.append(fd)
+        else:
+            a += ["-netdev", f"hubport,id={net},hubid={100 + i}"]
+        mac = n.mac or f"52:54:00:12:34:{0x56 + i:02x}"
+        a += ["-device", f"{NIC_MODELS[n.model]},netdev={net},mac={mac},id=nic{i}"]
+    if spec.balloon:
+        a += ["-device", "virtio-balloon-pci,id=balloon0"]
+    if spec.trace and trace_file is not None:
+        for pattern in spec.trace:
+            a += ["-trace", f"enable={pattern}"]
+        a += ["-D", str(trace_file)]
+    if paused:
+        a.append("-S")
+    if incoming_fd is not None:
+        a += ["-incoming", f"fd:{incoming_fd}"]
+        fds.append(incoming_fd)
+    a += list(spec.extra_args)
+    return Launch(argv=a, pass_fds=tuple(fds), kernel_cmdline=cmdline, ids=ids)

@@ -43,17 +43,24 @@ def host_virtualization() -> Dict[str, object]:
     except OSError:
         pass
     hypervisor_flag = " hypervisor" in flags
-    detected = None
+    detected = container = None
     if shutil.which("systemd-detect-virt"):
-        try:
-            out = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True, timeout=5)
-            detected = out.stdout.strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        for flag in ("--vm", "--container"):
+            try:
+                out = subprocess.run(["systemd-detect-virt", flag], capture_output=True, text=True,
+                                     timeout=5).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if out and out != "none":
+                if flag == "--vm":
+                    detected = out
+                else:
+                    container = out
     vendor = _read("/sys/class/dmi/id/sys_vendor")
     product = _read("/sys/class/dmi/id/product_name")
-    is_vm = hypervisor_flag or (detected not in (None, "none"))
+    is_vm = hypervisor_flag or detected is not None
     return {"is_vm": is_vm, "cpuid_hypervisor_flag": hypervisor_flag, "detected": detected,
+            "container": container,
             "dmi_vendor": vendor, "dmi_product": product,
             "pvm_host": os.path.exists("/sys/module/kvm_pvm")}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -43,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from .errors import ImageError, SetupError
 
@@ -525,6 +524,7 @@ def _download_deb(downloads: Path, package: str, version: str, progress: Progres
             raise ImageError(f"apt-get download {package} produced no .deb file",
                              fix="run `apt-get update` (as root) and try again")
         final = downloads / debs[0].name
+        os.chmod(debs[0], 0o600)
         os.replace(debs[0], final)
         return final
     finally:
@@ -1115,6 +1115,11 @@ def ensure_image(force: bool = False, progress: Callable[[str], None] | None = N
     Cheap when the image is cached (sizes are checked; sha256 too when
     ``VMLAB_VERIFY_IMAGE=1`` or ``force``). A damaged cached image is rebuilt.
     """
+    with _umask(0o077):
+        return _ensure_image(force, progress, guest_dir)
+
+
+def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path]) -> GuestImage:
     gdir = Path(guest_dir) if guest_dir else DEFAULT_GUEST_DIR
     _check_guest_dir(gdir)
     cache = cache_dir()
@@ -1183,7 +1188,7 @@ def _build(tmp: Path, kernel: _Kernel, busybox: Path, gdir: Path, inputs: dict, 
         _say(progress, f"extracting {kernel.deb.name}")
         try:
             _run([dpkg_deb, "-x", kernel.deb, ext], what=f"extracting {kernel.deb.name}",
-                 fix=f"the download was damaged and has been removed; run the build again")
+                 fix="the download was damaged and has been removed; run the build again")
         except ImageError:
             with contextlib.suppress(OSError):
                 kernel.deb.unlink()
@@ -1246,6 +1251,11 @@ def _build(tmp: Path, kernel: _Kernel, busybox: Path, gdir: Path, inputs: dict, 
 
 def image_status(*, guest_dir: Path | None = None) -> dict:
     """What a ``doctor`` command shows; never builds or downloads anything."""
+    with _umask(0o077):
+        return _image_status(guest_dir)
+
+
+def _image_status(guest_dir: Optional[Path]) -> dict:
     status: dict = {"built": False, "path": None, "kernel_version": None, "key": None,
                     "problems": []}
     problems = status["problems"]

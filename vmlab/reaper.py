@@ -9,15 +9,25 @@ Three layers, like testcontainers' reaper:
 3. the garbage collector: each VM carries a ``weakref.finalize`` that kills its
    process and removes its private directory if the object is dropped while
    running.
+
+A process killed with SIGKILL runs none of its own clean-up, so its private
+directory stays behind (its QEMU dies with it, layer 1). Every private
+directory therefore holds an owner file (:data:`OWNER_FILE`: the owning Python
+pid and its start time, and the QEMU pid once launched); :func:`sweep_stale`,
+run when the next VM starts, removes the ``vmlab-*`` directories of the private
+root whose owner is dead, and kills a QEMU still running for a dead owner (the
+parent-death signal has a tiny window while ``setpriv`` starts).
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -53,6 +63,9 @@ def pdeathsig_preexec():
 def register(pid: int, private_dir: Optional[Path]) -> None:
     with _lock:
         _live[pid] = str(private_dir) if private_dir else None
+    if private_dir:
+        claim_dir(private_dir, qemu_pid=pid)
+    _sweep_once()
 
 
 def unregister(pid: int) -> None:
@@ -96,3 +109,118 @@ def _reap_all() -> None:
         items = list(_live.items())
     for pid, d in items:
         kill_pid(pid, d)
+
+
+# --------------------------------------------------------------------------
+# Private directories left by a process that was SIGKILLed
+# --------------------------------------------------------------------------
+OWNER_FILE = "vmlab.owner"
+DIR_PREFIX = "vmlab-"
+_swept = False
+
+
+def private_root() -> Path:
+    """Where private VM directories live: $XDG_RUNTIME_DIR if usable, else the temp dir."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        return Path(base)
+    return Path(tempfile.gettempdir())
+
+
+def start_time(pid: int) -> Optional[int]:
+    """The process's start time (clock ticks since boot), or None if it does not exist.
+
+    With the pid it identifies a process for sure: a recycled pid has another start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: Optional[int], started: Optional[int]) -> bool:
+    if not pid:
+        return False
+    now = start_time(int(pid))
+    return now is not None and (started is None or now == started)
+
+
+def claim_dir(private_dir: Path, qemu_pid: Optional[int] = None) -> None:
+    """Write the owner file into a private dir: this process owns it (and *qemu_pid*)."""
+    me = os.getpid()
+    info = {"owner": me, "owner_start": start_time(me)}
+    if qemu_pid:
+        info["qemu"] = qemu_pid
+        info["qemu_start"] = start_time(qemu_pid)
+    path = Path(private_dir) / OWNER_FILE
+    tmp = path.with_name(OWNER_FILE + f".tmp{me}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a vanished dir (VM already gone) or a full disk: the sweep then leaves it alone
+
+
+def _is_qemu(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return False
+    return comm.startswith("qemu") or comm == "setpriv"
+
+
+def sweep_stale(root: Optional[Path] = None) -> List[Path]:
+    """Remove private dirs whose owning process is dead; returns the dirs removed.
+
+    Only directories named ``vmlab-*``, owned by this user and holding a
+    readable owner file are considered, so other users' directories, dirs
+    being created right now and unrelated ``vmlab-*`` paths are left alone.
+    A QEMU still alive for a dead owner is killed first.
+    """
+    root = Path(root) if root else private_root()
+    removed: List[Path] = []
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(DIR_PREFIX):
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or e.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            with open(os.path.join(e.path, OWNER_FILE)) as f:
+                info = json.load(f)
+            owner = int(info["owner"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _alive(owner, info.get("owner_start")):
+            continue
+        qemu = info.get("qemu")
+        if qemu and _alive(qemu, info.get("qemu_start")) and _is_qemu(int(qemu)):
+            try:
+                os.kill(int(qemu), signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(e.path, ignore_errors=True)
+        if not os.path.exists(e.path):
+            removed.append(Path(e.path))
+    return removed
+
+
+def _sweep_once() -> None:
+    """Sweep the private root the first time this process registers a VM."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    try:
+        sweep_stale()
+    except Exception:   # never let clean-up of others' leftovers break a start
+        pass

@@ -1,0 +1,147 @@
+"""The VM driver on real QEMU guests under TCG."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vmlab import VM, AsyncVM, GuestError, LaunchError, RunState, SetupError, StateError, VMTimeout
+
+pytestmark = pytest.mark.integration
+
+
+def test_boot_run_files_and_shutdown(vm, tmp_path):
+    assert vm.state is RunState.RUNNING and vm.accel == "tcg"
+    r = vm.run("uname -r; echo err >&2; exit 3", check=False)
+    assert r.status == 3 and r.stdout.strip() == vm.kernel_release and r.stderr.strip() == "err"
+    assert 0 < r.guest_s < r.wall_s + 1
+    with pytest.raises(GuestError) as info:
+        vm.run("false")
+    assert info.value.result.status == 1
+    payload = bytes(range(256)) * 300
+    vm.write_file("/tmp/blob", payload, mode=0o600)
+    assert vm.read_file("/tmp/blob") == payload
+    assert vm.run("stat -c %a /tmp/blob").stdout.strip() == "600"
+    src = tmp_path / "in.txt"
+    src.write_text("hello")
+    vm.copy_in(src, "/tmp/in.txt")
+    assert vm.copy_out("/tmp/in.txt", tmp_path / "out.txt").read_text() == "hello"
+    assert "vmlab-init: starting agent" in vm.console_text()
+    assert oct(vm.private_dir.stat().st_mode & 0o777) == "0o700"
+
+
+def test_run_timeout_and_concurrent_commands(vm):
+    with pytest.raises(VMTimeout) as info:
+        vm.run("sleep 5", timeout=0.5)
+    assert "sleep 5" in str(info.value)
+    # the agent serves several commands at once
+    async def both():
+        avm = vm._avm
+        return await asyncio.gather(avm.run("sleep 0.3; echo a"), avm.run("echo b"))
+    from vmlab import _loop
+    a, b = _loop.run(both())
+    assert (a.stdout, b.stdout) == ("a\n", "b\n")
+
+
+def test_lifecycle_events(image):
+    vm = VM(accel="tcg", image=image, name="life")
+    try:
+        vm.start(paused=True)
+        assert vm.state is RunState.PAUSED and vm.status() == "prelaunch"
+        with pytest.raises(StateError):
+            vm.run("true")
+        vm.resume(wait=True)
+        assert vm.run("echo up").stdout == "up\n"
+        vm.pause()
+        assert vm.status() == "paused"
+        vm.resume()
+        vm.reset()
+        vm.wait_event("RESET")
+        vm.wait_ready()
+        assert vm.run("cat /proc/uptime").ok
+        vm.powerdown()
+        ev = vm.wait_event("SHUTDOWN", match={"guest": True})
+        assert ev["data"]["reason"] == "guest-shutdown"
+        assert vm.wait_exit(30) == 0
+        assert vm.state is RunState.OFF
+        names = [e["event"] for e in vm.events]
+        for expected in ("LAUNCH", "RESUME", "READY", "STOP", "RESET", "POWERDOWN", "GUEST_BYE", "SHUTDOWN", "EXIT"):
+            assert expected in names
+    finally:
+        vm.shutdown()
+    assert not vm.private_dir.exists()
+
+
+def test_quit_and_kill_are_hard_stops(image):
+    for how in ("quit", "kill"):
+        with VM(accel="tcg", image=image) as vm:
+            getattr(vm, how)()
+            assert vm.state in (RunState.OFF, RunState.FAILED)
+            assert vm.events[-1]["event"] == "EXIT"
+            pid = vm.pid
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_warm_start_restores_a_booted_guest(image):
+    with VM(accel="tcg", image=image, name="warmtest", warm=True) as vm:   # saves if needed
+        first = vm.run("echo ok").stdout
+    t = time.monotonic()
+    with VM(accel="tcg", image=image, name="warmtest", warm=True) as vm:
+        assert vm.warm_restored
+        assert vm.run("echo ok").stdout == first == "ok\n"
+        assert vm.boot_seconds < 1.5
+    assert time.monotonic() - t < 5
+
+
+def test_sync_api_inside_a_running_event_loop(image):
+    """What a Jupyter cell does: call the sync API while an event loop runs in this thread."""
+    async def cell():
+        with VM(accel="tcg", image=image) as vm:
+            return vm.run("echo from-a-cell").stdout
+    assert asyncio.run(cell()) == "from-a-cell\n"
+
+
+def test_async_api(image):
+    async def main():
+        async with AsyncVM(accel="tcg", image=image) as vm:
+            return (await vm.run("echo async")).stdout
+    from vmlab import _loop
+    assert _loop.run(main()) == "async\n"
+
+
+def test_guest_never_ready_times_out_with_console_tail(image):
+    # init=/bin/false: the kernel panics (PID 1 exits), so no agent ever says hello
+    vm = VM(accel="tcg", image=image, kernel_args="rdinit=/bin/false", boot_timeout=20, reboot=False)
+    with pytest.raises(Exception) as info:
+        vm.start()
+    text = str(info.value)
+    assert "console tail" in text and "command:" in text
+    assert vm.state in (RunState.FAILED, RunState.OFF)
+    assert not vm.private_dir.exists()
+
+
+def test_missing_qemu_binary(monkeypatch, image):
+    monkeypatch.setenv("VMLAB_QEMU", "/nonexistent/qemu-system-x86_64")
+    with pytest.raises(SetupError) as info:
+        VM(accel="tcg", image=image).start()
+    assert "VMLAB_QEMU" in str(info.value.fix) or "apt-get" in str(info.value.fix)
+
+
+def test_cli_boot_and_doctor_json():
+    out = subprocess.run([sys.executable, "-m", "vmlab", "boot", "--json", "--repeats", "1", "--accel", "tcg"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    fig = json.loads(out.stdout)
+    for key in ("cold_boot_s", "warm_boot_s", "run_roundtrip_ms", "accel", "qemu_version"):
+        assert key in fig
+    assert fig["accel"] == "tcg" and 0 < fig["cold_boot_s"] < 60 and 0 < fig["run_roundtrip_ms"] < 1000
+    out = subprocess.run([sys.executable, "-m", "vmlab", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    rep = json.loads(out.stdout)
+    assert rep["accelerators"]["tcg"]["usable"] is True
+    assert rep["accelerators"]["kvm"]["reason"]
+    assert "is_vm" in rep["host"]["virtualization"]

@@ -1,0 +1,366 @@
+"""Self-paced study widgets: predict, then measure; hidden solutions; an end-of-lesson check.
+
+    from vmlab.widgets.predict import Prediction, Solution, Check
+
+    p = Prediction("How long does a cold boot take under TCG?", unit="s",
+                   low=0.1, high=60, log=True)
+    p                                  # the learner records a guess (slider or text box)
+    ...                                # the experiment runs
+    p.measured(vm.boot_seconds)        # feedback computed from THEIR measurement
+
+    Solution("The boot is dominated by ...")          # a button reveals it
+    Check([("Which is paravirtual?", ["IDE", "virtio-blk"], 1, "virtio-blk knows it is virtual.")])
+
+Everything works headless too (rendered lessons, tests): ``p.record(3)`` sets a prediction from code,
+``p.feedback_text`` / ``check.score`` hold the results, and a missing prediction is said, not invented.
+``measure=`` may be a value or a callable that returns the measured value (run by the "Measure" button or
+by ``p.measure()``); ``feedback=`` replaces the default ratio feedback with ``callable(predicted,
+measured) -> str``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import traceback
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+Number = Union[int, float]
+
+
+def _fmt(x: Optional[float], unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    ax = abs(x)
+    if ax == 0:
+        s = "0"
+    elif ax >= 100:
+        s = f"{x:,.0f}"
+    elif ax >= 1:
+        s = f"{x:.3g}" if ax < 10 else f"{x:.1f}"
+    else:
+        s = f"{x:.3g}"
+    return f"{s} {unit}".strip()
+
+
+def ratio_feedback(predicted: Optional[float], measured: Optional[float], unit: str = "",
+                   tolerance: float = 2.0) -> str:
+    """The default feedback: how far the prediction was, as a ratio of the measurement.
+
+    ``tolerance`` is the factor counted as "close" (2 = within 2x either way).
+    """
+    if measured is None or (isinstance(measured, float) and not math.isfinite(measured)):
+        return "No measurement yet: run the experiment cell first."
+    if predicted is None:
+        return (f"Measured {_fmt(measured, unit)}. You did not record a prediction; "
+                f"try predicting before you measure next time: the surprise is the lesson.")
+    if predicted == measured:
+        return f"Measured {_fmt(measured, unit)}: exactly your prediction."
+    if predicted <= 0 or measured <= 0:
+        diff = measured - predicted
+        return (f"Measured {_fmt(measured, unit)}; you predicted {_fmt(predicted, unit)} "
+                f"(off by {_fmt(abs(diff), unit)}).")
+    r = predicted / measured
+    factor = max(r, 1 / r)
+    direction = "high" if r > 1 else "low"
+    if factor <= 1.1:
+        verdict = "spot on (within 10 %)"
+    elif factor <= tolerance:
+        verdict = f"close: within {tolerance:g}x ({factor:.2g}x too {direction})"
+    elif factor <= 10:
+        verdict = f"{factor:.2g}x too {direction}"
+    else:
+        verdict = f"about {10 ** round(math.log10(factor)):,}x too {direction} (an order of magnitude or more)"
+    return f"Measured {_fmt(measured, unit)}; you predicted {_fmt(predicted, unit)}: {verdict}."
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+        ip = get_ipython()
+        return ip is not None and getattr(ip, "kernel", None) is not None
+    except ImportError:
+        return False
+
+
+class Prediction:
+    """Predict-then-measure: the learner's guess, then feedback from their own measurement.
+
+    question   the question shown above the input
+    unit       the unit of the answer ("s", "MB/s", "x")
+    measure    a value, or a callable returning the measured value (a "Measure" button runs it),
+               or None to give the measurement later with :meth:`measured`
+    feedback   callable(predicted, measured) -> str (default: :func:`ratio_feedback`)
+    low, high  the slider range (omit both for a free text box); ``log=True`` for a log slider
+    value      the slider's starting position (default: the middle of the range)
+    tolerance  factor counted as "close" by the default feedback (2 = within 2x)
+    """
+
+    def __init__(self, question: str, unit: str = "", measure: Any = None,
+                 feedback: Optional[Callable[[Optional[float], float], str]] = None, *,
+                 low: Optional[Number] = None, high: Optional[Number] = None, log: bool = False,
+                 value: Optional[Number] = None, tolerance: float = 2.0) -> None:
+        if (low is None) != (high is None):
+            raise ValueError("give both low and high for a slider, or neither for a text box")
+        if low is not None and not low < high:
+            raise ValueError(f"low ({low}) must be below high ({high})")
+        if log and (low is None or low <= 0):
+            raise ValueError("a log slider needs 0 < low < high")
+        self.question = question
+        self.unit = unit
+        self._measure = measure
+        self._feedback = feedback
+        self.low, self.high, self.log = low, high, log
+        self.tolerance = tolerance
+        self.prediction: Optional[float] = None
+        self.measurement: Optional[float] = None
+        self.feedback_text = ""
+        self._initial = value
+        self._widget = None
+
+    # ----------------------------------------------------------- headless API
+    def record(self, value: Optional[Number]) -> "Prediction":
+        """Record a prediction from code (the widget's button does the same)."""
+        if value is not None:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"a prediction must be a finite number, not {value!r}")
+        self.prediction = value
+        if self._widget is not None:
+            self._status.value = self._recorded_text()
+        return self
+
+    def measured(self, value: Optional[Number]) -> str:
+        """Give the measurement; returns (and shows) the feedback."""
+        self.measurement = None if value is None else float(value)
+        if self._feedback is not None:
+            text = str(self._feedback(self.prediction, self.measurement))
+        else:
+            text = ratio_feedback(self.prediction, self.measurement, self.unit, self.tolerance)
+        self.feedback_text = text
+        if self._widget is not None:
+            self._out.value = f"<b>{html.escape(text)}</b>"
+        return text
+
+    def measure(self) -> str:
+        """Run ``measure`` (value or callable) and give feedback."""
+        if self._measure is None:
+            raise ValueError("this Prediction has no measure=; call .measured(value) with your measurement")
+        value = self._measure() if callable(self._measure) else self._measure
+        return self.measured(value)
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """prediction / measurement (None until both exist)."""
+        if self.prediction is None or not self.measurement:
+            return None
+        return self.prediction / self.measurement
+
+    def _recorded_text(self) -> str:
+        if self.prediction is None:
+            return "no prediction recorded yet"
+        return f"your prediction: {_fmt(self.prediction, self.unit)} (recorded)"
+
+    # ----------------------------------------------------------------- widget
+    @property
+    def widget(self):
+        if self._widget is None:
+            self._widget = self._build()
+        return self._widget
+
+    def _build(self):
+        import ipywidgets as W
+        q = W.HTML(f"<b>Predict:</b> {html.escape(self.question)}")
+        if self.low is not None:
+            if self.log:
+                lo, hi = math.log10(self.low), math.log10(self.high)
+                start = math.log10(self._initial) if self._initial else (lo + hi) / 2
+                self._input = W.FloatLogSlider(value=10 ** start, base=10, min=lo, max=hi, step=0.05,
+                                               description=self.unit or "value", readout_format=".3g",
+                                               continuous_update=False)
+            else:
+                start = self._initial if self._initial is not None else (self.low + self.high) / 2
+                self._input = W.FloatSlider(value=start, min=self.low, max=self.high,
+                                            step=(self.high - self.low) / 200,
+                                            description=self.unit or "value", readout_format=".3g",
+                                            continuous_update=False)
+        else:
+            self._input = W.Text(placeholder=f"your guess ({self.unit})" if self.unit else "your guess",
+                                 description="guess")
+        self._input.add_class("vmlab-predict-input")
+        rec = W.Button(description="Record prediction", icon="pencil")
+        rec.add_class("vmlab-predict-record")
+        self._status = W.HTML(self._recorded_text())
+        self._out = W.HTML("")
+        self._out.add_class("vmlab-predict-feedback")
+        self._err = W.Output()
+        rec.on_click(lambda _b: self._on_record())
+        buttons = [rec]
+        if self._measure is not None:
+            mb = W.Button(description="Measure", icon="play")
+            mb.add_class("vmlab-predict-measure")
+            mb.on_click(lambda _b: self._on_measure(mb))
+            buttons.append(mb)
+        box = W.VBox([q, W.HBox([self._input, *buttons]), self._status, self._out, self._err])
+        box.add_class("vmlab-prediction")
+        return box
+
+    def _on_record(self) -> None:
+        with self._err:
+            self._err.clear_output()
+            v = self._input.value
+            if isinstance(v, str):
+                try:
+                    v = float(v.replace(",", "").strip().split()[0])
+                except (ValueError, IndexError):
+                    print(f"please type a number (in {self.unit})" if self.unit else "please type a number")
+                    return
+            self.record(v)
+
+    def _on_measure(self, button) -> None:
+        button.disabled = True
+        try:
+            with self._err:
+                self._err.clear_output()
+                try:
+                    self.measure()
+                except Exception:   # a widget callback must never die silently
+                    traceback.print_exc()
+        finally:
+            button.disabled = False
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        display(self.widget)
+
+    def __repr__(self) -> str:
+        return (f"<Prediction {self.question!r} predicted={_fmt(self.prediction, self.unit)} "
+                f"measured={_fmt(self.measurement, self.unit)}>")
+
+
+class Solution:
+    """A worked solution, hidden until the learner presses the button."""
+
+    def __init__(self, markdown: str, label: str = "Show solution") -> None:
+        self.markdown = markdown
+        self.label = label
+        self.revealed = False
+        self._widget = None
+
+    def reveal(self) -> None:
+        self.revealed = True
+        if self._widget is not None:
+            self._body.layout.display = None
+            self._button.description = "Hide solution"
+
+    def hide(self) -> None:
+        self.revealed = False
+        if self._widget is not None:
+            self._body.layout.display = "none"
+            self._button.description = self.label
+
+    def toggle(self) -> None:
+        self.hide() if self.revealed else self.reveal()
+
+    @property
+    def html(self) -> str:
+        try:
+            import markdown as md  # optional
+            return md.markdown(self.markdown)
+        except ImportError:
+            pass
+        try:
+            from nbconvert.filters.markdown import markdown2html_mistune
+            return markdown2html_mistune(self.markdown)
+        except ImportError:
+            return "<pre>" + html.escape(self.markdown) + "</pre>"
+
+    @property
+    def widget(self):
+        if self._widget is None:
+            import ipywidgets as W
+            self._button = W.Button(description=self.label, icon="eye")
+            self._button.add_class("vmlab-solution-button")
+            self._body = W.HTML(self.html, layout=W.Layout(display="none"))
+            self._body.add_class("vmlab-solution")
+            self._button.on_click(lambda _b: self.toggle())
+            self._widget = W.VBox([self._button, self._body])
+        return self._widget
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        display(self.widget)
+
+
+QuestionT = Tuple[str, Sequence[str], int, str]
+
+
+class Check:
+    """A short multiple-choice check: ``Check([(question, choices, answer_index, explanation), ...])``."""
+
+    def __init__(self, questions: Sequence[QuestionT], title: str = "Check your understanding") -> None:
+        qs: List[QuestionT] = []
+        for i, item in enumerate(questions):
+            try:
+                question, choices, answer, explanation = item
+            except (TypeError, ValueError):
+                raise ValueError(f"question {i + 1}: expected (question, choices, answer_index, explanation)") from None
+            choices = list(choices)
+            if len(choices) < 2:
+                raise ValueError(f"question {i + 1}: give at least two choices")
+            if not (isinstance(answer, int) and 0 <= answer < len(choices)):
+                raise ValueError(f"question {i + 1}: answer_index {answer!r} is not an index into its "
+                                 f"{len(choices)} choices")
+            qs.append((str(question), choices, answer, str(explanation)))
+        if not qs:
+            raise ValueError("a Check needs at least one question")
+        self.questions = qs
+        self.title = title
+        self.answers: List[Optional[int]] = [None] * len(qs)
+        self.score: Optional[int] = None
+        self.results: List[str] = []
+        self._widget = None
+
+    def answer(self, indices: Sequence[Optional[int]]) -> int:
+        """Answer from code (headless); returns the score. The widget's button calls this."""
+        if len(indices) != len(self.questions):
+            raise ValueError(f"give {len(self.questions)} answers, got {len(indices)}")
+        self.answers = list(indices)
+        score, lines = 0, []
+        for n, ((q, choices, right, why), got) in enumerate(zip(self.questions, self.answers), 1):
+            if got is None:
+                lines.append(f"{n}. not answered. The answer: {choices[right]}. {why}")
+            elif got == right:
+                score += 1
+                lines.append(f"{n}. right. {why}")
+            else:
+                lines.append(f"{n}. not quite: you chose {choices[got]!r}; the answer is {choices[right]!r}. {why}")
+        self.score, self.results = score, lines
+        if self._widget is not None:
+            items = "".join(f"<li>{html.escape(s)}</li>" for s in lines)
+            self._out.value = f"<b>{score} / {len(self.questions)}</b><ol style='list-style:none;padding-left:0'>{items}</ol>"
+        return score
+
+    @property
+    def widget(self):
+        if self._widget is None:
+            import ipywidgets as W
+            self._radios = []
+            parts = [W.HTML(f"<h4>{html.escape(self.title)}</h4>")]
+            for n, (q, choices, _a, _w) in enumerate(self.questions, 1):
+                r = W.RadioButtons(options=[(c, i) for i, c in enumerate(choices)], value=None,
+                                   layout=W.Layout(width="auto"))
+                self._radios.append(r)
+                parts += [W.HTML(f"<b>{n}.</b> {html.escape(q)}"), r]
+            b = W.Button(description="Check answers", icon="check")
+            b.add_class("vmlab-check-button")
+            self._out = W.HTML("")
+            self._out.add_class("vmlab-check-result")
+            b.on_click(lambda _b: self.answer([r.value for r in self._radios]))
+            self._widget = W.VBox(parts + [b, self._out])
+            self._widget.add_class("vmlab-check")
+        return self._widget
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        display(self.widget)

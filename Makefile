@@ -7,9 +7,11 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.vmlab-installed
 APT_PACKAGES := $(shell grep -v '^\#' apt.txt)
+# Only the tests need a browser (the real-browser test drives Debian's chromium).
+TEST_APT_PACKAGES := chromium
 PYTEST_ARGS ?=
 
-.PHONY: help setup system venv image lab test lessons demo bench reliability doctor clean
+.PHONY: help setup system system-test apt-install venv image lab test lessons demo bench reliability doctor clean
 
 help:
 	@echo "make lab          set everything up and open the lessons in JupyterLab"
@@ -24,7 +26,13 @@ setup: system venv image
 
 # Debian packages: installed with apt-get when root; otherwise the exact command is printed.
 system:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES)"
+
+system-test:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(TEST_APT_PACKAGES)"
+
+apt-install:
+	@missing=""; for p in $(PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -59,7 +67,7 @@ doctor: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-test: setup
+test: setup system-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lessons: setup

@@ -311,7 +311,10 @@ class CpuHog:
     """A CPU-bound host process pinned on *core* (the native ``vmbench spin``).
 
     It ends by itself after *max_seconds* and is killed on :meth:`stop`, on
-    leaving a ``with`` block, and (parent-death signal) if Python dies.
+    leaving a ``with`` block, and (parent-death signal) if Python dies. It
+    runs in its own session: with the scheduler's autogroups
+    (``/proc/sys/kernel/sched_autogroup_enabled``) CPU time is shared between
+    sessions first, and QEMU runs in a session of its own too.
     """
 
     def __init__(self, core: int, max_seconds: float = 120.0) -> None:
@@ -335,7 +338,11 @@ class CpuHog:
         self.proc = subprocess.Popen(reaper.pdeathsig_prefix() + [str(exe), "spin", "--seconds",
                                                                   str(self.max_seconds)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL, preexec_fn=pre)
+                                     stdin=subprocess.DEVNULL, preexec_fn=pre,
+                                     # its own session, hence its own scheduler autogroup (like QEMU's):
+                                     # with autogroups on, a hog in our session would compete only
+                                     # within our group, not with the vCPU thread
+                                     start_new_session=True)
         return self
 
     @property
@@ -344,6 +351,16 @@ class CpuHog:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the hog has used so far (0 once it has been reaped)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            f = _stat_fields(f"/proc/{self.proc.pid}/stat")
+            return (int(f[11]) + int(f[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def stop(self) -> None:
         if self.proc is None:

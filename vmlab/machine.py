@@ -116,6 +116,7 @@ class AsyncVM:
         self._finalizer = None
         self._closing = False
         self._socks: List[socket.socket] = []
+        self._listener: Optional[EventListener] = None
 
     # ------------------------------------------------------------------ repr
     def __repr__(self) -> str:
@@ -166,9 +167,12 @@ class AsyncVM:
     def kernel_release(self) -> Optional[str]:
         return self._agent.kernel_release if self._agent else None
 
-    def _record_event(self, name: str, data: Dict[str, Any], source: str = "qemu") -> None:
-        self.events.append({"event": name, "data": data, "t": time.monotonic() - self._t0,
-                            "wall": time.time(), "source": source})
+    def _record_event(self, name: str, data: Dict[str, Any], source: str = "qemu",
+                      qemu_time: Optional[float] = None) -> None:
+        ev = {"event": name, "data": data, "t": time.monotonic() - self._t0, "wall": time.time(), "source": source}
+        if qemu_time is not None:
+            ev["qemu_time"] = qemu_time   # QEMU's own timestamp (wall clock) for its events
+        self.events.append(ev)
         if name == "STOP":
             if self.state in (RunState.RUNNING, RunState.STARTING):
                 self.state = RunState.PAUSED
@@ -176,7 +180,8 @@ class AsyncVM:
             if self.state in (RunState.PAUSED, RunState.STARTING):
                 self.state = RunState.RUNNING
         elif name == "SHUTDOWN":
-            self.state = RunState.SHUTTING_DOWN
+            if self.state not in (RunState.OFF, RunState.FAILED):  # may be read after QEMU's exit
+                self.state = RunState.SHUTTING_DOWN
         if self._event_changed is not None:
             asyncio.get_running_loop().create_task(self._notify(self._event_changed))
 
@@ -300,7 +305,7 @@ class AsyncVM:
         self._agent = AgentClient(areader, awriter, on_bye=self._on_bye)
         # QMP
         self._qmp = QMPClient(f"vmlab-{self.spec.name}")
-        listener = EventListener()
+        listener = self._listener = EventListener()
         self._qmp.register_listener(listener)
         self._tasks.append(loop.create_task(self._pump_events(listener), name="vmlab-events"))
         try:
@@ -345,6 +350,23 @@ class AsyncVM:
         self.exit_code = code
         if self.pid:
             reaper.unregister(self.pid)
+        self._tasks.append(loop.create_task(self._finish_exit(code), name="vmlab-exit"))
+
+    async def _finish_exit(self, code: Optional[int]) -> None:
+        """Record EXIT after what QEMU sent before it went away (SHUTDOWN, the guest's BYE).
+
+        QMP, the agent and the process exit arrive on separate channels; letting
+        the readers drain first keeps ``events`` in the order things happened.
+        """
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            qmp_done = self._qmp is None or str(self._qmp.runstate.value) != "running"
+            agent_done = self._agent is None or self._agent.closed_reason is not None
+            queue_done = self._listener is None or self._listener.empty()
+            if qmp_done and agent_done and queue_done:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
         expected = self._closing or self.state in (RunState.SHUTTING_DOWN,)
         self.state = RunState.OFF if expected or code == 0 else RunState.FAILED
         self._record_event("EXIT", {"exit_code": code}, source="vmlab")
@@ -376,7 +398,9 @@ class AsyncVM:
 
     async def _pump_events(self, listener: EventListener) -> None:
         async for ev in listener:
-            self._record_event(ev["event"], dict(ev.get("data", {})))
+            ts = ev.get("timestamp") or {}
+            self._record_event(ev["event"], dict(ev.get("data", {})),
+                               qemu_time=ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6 if ts else None)
 
     async def _wait_exit(self, timeout: float) -> bool:
         assert self._exited is not None
@@ -785,6 +809,8 @@ class AsyncVM:
         if self._proc is not None:
             with contextlib.suppress(Exception):
                 self._proc.wait(5)
+            if self._exited is not None and not self._exited.is_set():
+                await self._wait_exit(2)   # let EXIT be recorded before the readers go
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.disconnect(), 2)

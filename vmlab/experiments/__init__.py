@@ -33,6 +33,8 @@ register("net", "vmlab.experiments.net", "rtl8139, e1000 vs virtio-net")
 register("cpu", "vmlab.experiments.cpu", "nanobenchmarks: native vs TCG (vs KVM)")
 register("lifecycle", "vmlab.experiments.lifecycle", "boot and shutdown from either side, events and data kept")
 register("sharing", "vmlab.experiments.sharing", "N VMs sharing the host's cores and memory")
+register("hosted", "vmlab.experiments.hosted",
+         "bare metal vs hosted: path of work (native / KVM / TCG) and a noisy neighbour")
 
 
 def get(name: str) -> Callable[..., Any]:

@@ -1,0 +1,96 @@
+"""16550 UART vs virtio-console: bytes/s written by the guest, interventions per byte.
+
+One VM per device. The UART under test is a second COM port (``/dev/ttyS1``,
+``-serial null``); the virtio console has its own virtio-serial controller
+(``/dev/hvc0``, null back end). In the guest ``vmbench write`` writes the bytes
+(tty in raw mode, ``tcdrain`` inside the timed region). As in the disk
+experiment, timed runs have tracing off and one counted run per size has it on.
+
+    df = run(quick=True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+from .. import devices as dv
+from ..errors import SpecError
+from ..measure import Progress, Rows, say
+from ..spec import parse_size
+from .disk import stretch
+
+
+def command(profile: dv.DeviceProfile, bs: int, total: int) -> str:
+    return f"vmbench write --path {profile.guest_path} --bs {bs} --total {total}"
+
+
+def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Iterable[str]] = None,
+        sizes: Optional[Sequence[Any]] = None, bs: Any = 4096, repeats: Optional[int] = None,
+        min_seconds: Optional[float] = None, accel: str = "auto", image: Any = None):
+    """Measure every (device, size, repeat); returns a tidy DataFrame (see docs/devices.md)."""
+    profs = dv.resolve(devices, "console", quick)
+    totals = [parse_size(s, "sizes", default_unit="K") if isinstance(s, str) else int(s)
+              for s in (sizes or ([64 << 10] if quick else [64 << 10, 256 << 10]))]
+    bs_b = parse_size(bs, "bs", default_unit="K") if isinstance(bs, str) else int(bs)
+    if bs_b <= 0 or any(t < bs_b for t in totals):
+        raise SpecError("sizes", f"every size must be >= bs ({bs_b})", fix="e.g. sizes=[65536], bs=4096")
+    repeats = int(repeats or (1 if quick else 5))
+    min_s = float(min_seconds if min_seconds is not None else (0.0 if quick else 0.3))
+    if repeats < 1:
+        raise SpecError("repeats", f"{repeats} is not a positive number", fix="e.g. repeats=5")
+    if image is None:
+        from ..image import ensure_image
+        image = ensure_image()
+    rows = Rows("console")
+    with rows.guard():
+        for prof in profs:
+            say(progress, f"console: booting a VM with {prof.title}")
+            vm = dv.boot(prof, accel=accel, image=image)
+            try:
+                rows.where = dv.where(vm)
+                probe = dv.Probe(vm, prof)
+                probe.calibrate(command(prof, 1024, 16 << 10))
+                for total in totals:
+                    counted = probe.measure(command(prof, bs_b, total), count=True)
+                    run_total = stretch(probe, lambda n: command(prof, bs_b, n), total, bs_b, min_s,
+                                        limit=16 << 20)
+                    for r in range(repeats):
+                        m = probe.measure(command(prof, bs_b, run_total), count=False)
+                        res = m.result
+                        n = int(res["bytes"])
+                        rows.add(**{
+                            **dv.common_row(prof, m, bytes_moved=n, counted_bytes=int(counted.result["bytes"]),
+                                            counted=counted),
+                            "repeat": r, "bs": bs_b, "size_bytes": n, "requested_bytes": total,
+                            "path": prof.guest_path,
+                            "seconds": float(res["seconds"]),
+                            "throughput_mb_s": float(res["throughput_mb_s"]),
+                            "bytes_per_s": n / float(res["seconds"]) if res["seconds"] else None,
+                            "lat_us_median": None,
+                            "interventions_per_byte": counted.interventions / int(counted.result["bytes"]),
+                            "counted_seconds": float(counted.result["seconds"]),
+                        })
+                    say(progress, f"console: {prof.name} {total} bytes: "
+                                  f"{rows.rows[-1]['throughput_mb_s']:.2f} MB/s, "
+                                  f"{counted.interventions} interventions")
+            finally:
+                vm.shutdown()
+    return rows.frame()
+
+
+def plot(df, axes=None):
+    """Throughput and interventions per byte, one bar per device (median over repeats)."""
+    import matplotlib.pyplot as plt
+    from ..plots import KIND_COLORS, style, where_label
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    g = df.groupby(["device", "kind"], sort=False)[["throughput_mb_s", "interventions_per_byte"]].median()
+    g = g.reset_index()
+    colors = [KIND_COLORS.get(k) for k in g["kind"]]
+    axes[0].bar(g["device"], g["throughput_mb_s"], color=colors)
+    style(axes[0], title="Console write throughput", xlabel="device", ylabel="throughput (MB/s)", log="y",
+          source=where_label(df))
+    axes[1].bar(g["device"], g["interventions_per_byte"], color=colors)
+    style(axes[1], title="Interventions per byte written", xlabel="device",
+          ylabel="interventions per byte (count/byte)", log="y")
+    return axes

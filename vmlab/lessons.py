@@ -1,0 +1,788 @@
+"""The lesson sequence: set-up helpers for notebooks, navigation cells, headless rendering.
+
+    python -m vmlab.lessons nav                    # (re)write the previous/next cell of every numbered notebook
+    python -m vmlab.lessons nav --check            # exit 1 if a nav cell is missing or stale
+    python -m vmlab.lessons render [--quick] [--only PATTERN] [--timeout S] [--out DIR]
+
+``render`` executes each numbered notebook headless in its own process (nbclient; cwd notebooks/;
+VMLAB_QUICK=1 with --quick), writes HTML (nbconvert) and ``index.html`` to build/lessons/ with a
+timing table (also ``timings.csv``): seconds, status, peak QEMU RSS (polled from the process tree),
+CPU seconds (getrusage of the finished children plus this process). A failing notebook is reported
+and makes the exit status non-zero; the others still render.
+
+In notebooks:
+
+    from vmlab.lessons import setup, doctor_table, course_table
+    image = setup(QUICK)          # the guest image, built with visible progress if needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import html
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+BUILD = ROOT / "build" / "lessons"
+INDEX_NAME = "00.00-Index.ipynb"
+NAV_TAG = "vmlab-nav"
+MAP_TAG = "vmlab-map"
+NUMBERED = re.compile(r"^(\d\d)\.(\d\d)-[A-Za-z0-9-]+\.ipynb$")
+DEFAULT_TIMEOUT = 900          # seconds per notebook (whole notebook, not per cell)
+QUICK_TIMEOUT = 300
+
+
+# =============================================================== notebook helpers
+class Progress:
+    """A progress line for long operations: a widget label in Jupyter, print() elsewhere.
+
+        p = Progress("guest image"); ensure_image(progress=p); p.done("ready")
+    """
+
+    def __init__(self, what: str = "working") -> None:
+        self.what = what
+        self.messages: List[str] = []
+        self._t0 = time.monotonic()
+        self._label = None
+        try:
+            from IPython import get_ipython
+            if get_ipython() is not None and getattr(get_ipython(), "kernel", None) is not None:
+                import ipywidgets as W
+                from IPython.display import display
+                self._label = W.HTML(f"<code>{html.escape(what)}: starting</code>")
+                display(self._label)
+        except ImportError:
+            pass
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+        line = f"{self.what}: {message} ({time.monotonic() - self._t0:.0f} s)"
+        if self._label is not None:
+            self._label.value = f"<code>{html.escape(line)}</code>"
+        else:
+            print(line, flush=True)
+
+    def done(self, message: str) -> None:
+        self(message)
+
+
+def setup(quick: bool = False, progress: Optional[Callable[[str], None]] = None):
+    """Every lesson's set-up cell: the guest image (built once, with progress), and where we run."""
+    from .image import ensure_image
+    p = progress or Progress("guest image")
+    t0 = time.monotonic()
+    image = ensure_image(progress=p)
+    took = time.monotonic() - t0
+    msg = f"ready, kernel {image.kernel_version}" + (f" (built in {took:.0f} s)" if took > 5 else " (cached)")
+    p(msg)
+    if quick:
+        print("QUICK mode: small sizes and few repeats (VMLAB_QUICK=1)")
+    return image
+
+
+def doctor_table(report: Optional[Dict[str, Any]] = None):
+    """`vmlab.cli.doctor_report()` as a small two-column table (a pandas DataFrame)."""
+    import pandas as pd
+    if report is None:
+        from .cli import doctor_report
+        report = doctor_report()
+    acc = report.get("accelerators", {})
+    h = report.get("host", {})
+    hv = h.get("virtualization", {}) or {}
+    q = report.get("qemu") or {}
+    img = report.get("image") or {}
+
+    def yesno(v: Dict[str, Any]) -> str:
+        return ("yes: " if v.get("usable") else "no: ") + str(v.get("reason", ""))
+
+    why = [w for w in (hv.get("detected"), "CPUID hypervisor flag" if hv.get("cpuid_hypervisor_flag") else None) if w]
+    rows = [
+        ("lessons run under", str(report.get("default_accel", "?")).upper()),
+        ("KVM (hardware-assisted)", yesno(acc.get("kvm", {}))),
+        ("TCG (binary translation)", yesno(acc.get("tcg", {}))),
+        ("QEMU", f"{q.get('version')} ({q.get('path')})" if q else "missing"),
+        ("guest image", f"built, kernel {img.get('kernel_version')}" if img.get("built") else "not built yet"),
+        ("host CPU", f"{h.get('cpu')}, {h.get('cpus')} CPUs, {h.get('memory_mb')} MiB"),
+        ("host is itself a VM", ("yes" if hv.get("is_vm") else "no") + (f" ({', '.join(why)})" if why else "")
+         + ("; its KVM is PVM (nested, paravirtual)" if hv.get("pvm_host") else "")),
+    ]
+    if hv.get("container"):
+        rows.append(("container", str(hv["container"])))
+    for p in report.get("problems", []):
+        rows.append(("problem", f"{p.get('problem')} (fix: {p.get('fix')})"))
+    df = pd.DataFrame(rows, columns=["what", "here"]).set_index("what")
+    return df
+
+
+# ================================================================ instructor mode
+_FALLBACK_RACERS = {   # used only if vmlab.devices is not there
+    "ide-pio": dict(kind="emulated", title="IDE, PIO mode", bus="ide", kernel_args="libata.dma=0", path="/dev/sda"),
+    "virtio-blk": dict(kind="paravirtual", title="virtio-blk", bus="virtio", kernel_args="", path="/dev/vda"),
+}
+
+
+class DeviceRace:
+    """Two (or more) VMs read their disks side by side; a plot of cumulative MB vs time grows as they run.
+
+        race = DeviceRace(["ide-pio", "virtio-blk"], seconds=30); race        # a Start button in the widget
+        race.run()                                                             # or headless: blocks, returns rows
+
+    Each racer boots its own VM (the device profile of ``vmlab.devices``, traces off), then repeats
+    ``vmbench disk --dev PATH --mode read --pattern seq --bs BS --total CHUNK --direct`` at advancing
+    offsets until ``seconds`` have passed. Errors show in the widget; the VMs are always shut down.
+    """
+
+    def __init__(self, devices: Sequence[str] = ("ide-pio", "virtio-blk"), *, seconds: float = 30,
+                 chunk_mb: int = 4, bs: int = 65536, disk_mb: int = 64, interval: float = 0.5,
+                 accel: str = "auto") -> None:
+        from .errors import SpecError
+        if not 0 < chunk_mb < disk_mb:
+            raise SpecError("chunk_mb", f"{chunk_mb} must be between 0 and the disk size {disk_mb}",
+                            fix="e.g. chunk_mb=4, disk_mb=64")
+        self.racers = [self._profile(n) for n in devices]
+        self.seconds, self.chunk_mb, self.bs, self.disk_mb = float(seconds), int(chunk_mb), int(bs), int(disk_mb)
+        self.interval, self.accel = interval, accel
+        self.data: Dict[str, List[tuple]] = {r["name"]: [] for r in self.racers}
+        self.where: Dict[str, str] = {}
+        self.errors: List[str] = []
+        self.running = False
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._widget = None
+
+    @staticmethod
+    def _profile(name: str) -> Dict[str, Any]:
+        try:
+            from . import devices
+            p = devices.get(name, "disk")
+            return dict(name=p.name, kind=p.kind, title=p.title, path=p.guest_path,
+                        spec=lambda accel, mb, p=p: p.spec(accel=accel, disk_size=f"{mb}M", trace=False,
+                                                           name=f"race-{p.name}"))
+        except ImportError:
+            f = _FALLBACK_RACERS[name]
+            from .spec import Disk, MachineSpec
+            return dict(name=name, kind=f["kind"], title=f["title"], path=f["path"],
+                        spec=lambda accel, mb, f=f: MachineSpec(name=f"race-{name}", accel=accel,
+                                                                disks=(Disk(bus=f["bus"], size=f"{mb}M"),),
+                                                                kernel_args=f["kernel_args"]))
+
+    # ------------------------------------------------------------- running
+    def _race_one(self, racer: Dict[str, Any], ready: threading.Barrier) -> None:
+        from .machine import VM
+        from .hostinfo import where
+        name = racer["name"]
+        vm = None
+        try:
+            vm = VM(racer["spec"](self.accel, self.disk_mb)).start()
+            self.where = where(vm.accel, vm.kernel_release)
+            ready.wait(timeout=120)
+            t0, total, k = time.monotonic(), 0, 0
+            self.data[name] = [(0.0, 0.0)]
+            span = self.disk_mb // self.chunk_mb
+            while not self._stop.is_set() and time.monotonic() - t0 < self.seconds:
+                off = (k % span) * self.chunk_mb << 20
+                r = vm.run(f"vmbench disk --dev {racer['path']} --mode read --pattern seq --bs {self.bs} "
+                           f"--total {self.chunk_mb}M --offset {off} --direct", timeout=120)
+                total += json.loads(r.stdout.strip().splitlines()[-1])["bytes"]
+                k += 1
+                self.data[name].append((time.monotonic() - t0, total / 1e6))
+        except Exception as exc:  # shown in the widget, never raised from a thread
+            self.errors.append(f"{name}: {getattr(exc, 'message', None) or exc}")
+            self._stop.set()
+            try:
+                ready.abort()
+            except Exception:
+                pass
+        finally:
+            if vm is not None:
+                try:
+                    vm.shutdown()
+                except Exception as exc:
+                    self.errors.append(f"{name}: shutdown: {exc}")
+
+    def start(self) -> None:
+        """Start the race in the background (the Start button calls this)."""
+        if self.running:
+            return
+        self.running = True
+        self._stop.clear()
+        self.errors.clear()
+        self.data = {r["name"]: [] for r in self.racers}
+        ready = threading.Barrier(len(self.racers))
+        self._threads = [threading.Thread(target=self._race_one, args=(r, ready), daemon=True,
+                                          name=f"race-{r['name']}") for r in self.racers]
+        for t in self._threads:
+            t.start()
+        threading.Thread(target=self._watch, daemon=True, name="race-plot").start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: float = 300) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def run(self):
+        """Race headless (blocking) and return the rows as a DataFrame."""
+        self.start()
+        self.wait()
+        while self.running:
+            time.sleep(0.05)
+        return self.frame()
+
+    def _watch(self) -> None:
+        try:
+            while any(t.is_alive() for t in self._threads):
+                self._redraw()
+                time.sleep(self.interval)
+        finally:
+            self.running = False
+            self._redraw()
+
+    # ---------------------------------------------------------- results
+    def frame(self):
+        import pandas as pd
+        rows = [{"device": n, "t_s": t, "mb": mb, **self.where} for n, pts in self.data.items() for t, mb in pts]
+        return pd.DataFrame(rows)
+
+    def rates(self) -> Dict[str, float]:
+        """MB/s of each racer so far (total MB / elapsed s)."""
+        return {n: (pts[-1][1] / pts[-1][0]) for n, pts in self.data.items() if pts and pts[-1][0] > 0}
+
+    def figure_png(self) -> bytes:
+        import matplotlib
+        from matplotlib.figure import Figure
+        from . import plots
+        fig = Figure(figsize=(8, 3.6), dpi=100)
+        ax = fig.add_subplot(1, 1, 1)
+        rates = self.rates()
+        for i, r in enumerate(self.racers):
+            pts = self.data.get(r["name"]) or [(0.0, 0.0)]
+            label = f"{r['title']} ({r['kind']})" + (f": {rates[r['name']]:.1f} MB/s" if r["name"] in rates else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=2.5, label=label,
+                    color=plots.color_for(r["kind"], i))
+        ax.set_xlim(0, self.seconds)
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="upper left", frameon=False)
+        src = plots.where_label(self.frame()) if any(self.data.values()) else ""
+        plots.style(ax, title="Device race: data read from the virtual disk", xlabel="time since the start (s)",
+                    ylabel="data read (MB)", source=src)
+        fig.tight_layout()
+        import io
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+
+    # ----------------------------------------------------------- widget
+    def _redraw(self) -> None:
+        if self._widget is None:
+            return
+        try:
+            self._image.value = self.figure_png()
+            rates = self.rates()
+            state = "racing" if self.running else ("finished" if any(self.data.values()) else "ready")
+            if self.running and not any(len(v) > 1 for v in self.data.values()):
+                state = "booting the VMs"
+            parts = [f"<b>{html.escape(state)}</b>"]
+            if len(rates) == 2 and min(rates.values()) > 0:
+                (a, ra), (b, rb) = list(rates.items())
+                parts.append(f"{b} / {a}: {rb / ra:.1f}x")
+            self._status.value = " &nbsp; ".join(parts)
+            self._status_text = state
+            if self.errors:
+                self._err.value = "<pre style='color:#D55E00'>" + html.escape("\n".join(self.errors)) + "</pre>"
+            self._go.disabled = self.running
+        except Exception as exc:  # a redraw must not kill the watcher
+            self.errors.append(f"redraw: {exc}")
+
+    @property
+    def widget(self):
+        if self._widget is None:
+            import ipywidgets as W
+            self._go = W.Button(description="Start the race", icon="flag-checkered", button_style="success")
+            self._go.add_class("vmlab-race-start")
+            halt = W.Button(description="Stop", icon="stop")
+            self._go.on_click(lambda _b: self._safe(self.start))
+            halt.on_click(lambda _b: self._safe(self.stop))
+            self._status = W.HTML("<b>ready</b>")
+            self._status.add_class("vmlab-race-status")
+            self._image = W.Image(format="png", layout=W.Layout(width="800px"))
+            self._image.add_class("vmlab-race-plot")
+            self._err = W.HTML("")
+            self._err.add_class("vmlab-error")
+            self._widget = W.VBox([W.HBox([self._go, halt, self._status]), self._image, self._err])
+            self._image.value = self.figure_png()
+        return self._widget
+
+    def _safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self.errors.append(str(exc))
+            self._redraw()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        display(self.widget)
+
+
+# ===================================================================== notebooks
+def numbered_notebooks(directory: Path = NOTEBOOKS) -> List[Path]:
+    return sorted(p for p in Path(directory).glob("*.ipynb") if NUMBERED.match(p.name))
+
+
+def _read(path: Path):
+    import nbformat
+    return nbformat.read(str(path), as_version=4)
+
+
+def _source(cell: Any) -> str:
+    s = cell.get("source", "")
+    return "".join(s) if isinstance(s, list) else s
+
+
+def _generated(cell: Any) -> bool:
+    tags = cell.get("metadata", {}).get("tags") or []
+    return NAV_TAG in tags or MAP_TAG in tags
+
+
+def title_of(nb: Any, path: Path) -> str:
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and not _generated(cell):
+            for line in _source(cell).splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return path.stem.split("-", 1)[1].replace("-", " ")
+
+
+def summary_of(nb: Any) -> str:
+    """The first plain paragraph of the title cell (what the lesson shows)."""
+    for cell in nb.cells:
+        if cell.cell_type != "markdown" or _generated(cell):
+            continue
+        paras = [p.strip() for p in _source(cell).split("\n\n")]
+        for p in paras:
+            if p and not p.startswith("#") and not p.startswith("- ") and not p.startswith("<"):
+                return " ".join(p.split())
+        return ""
+    return ""
+
+
+def _label(path: Path, titles: Dict[Path, str]) -> str:
+    title = re.sub(r"^\d\d\.\d\d[\s:.-]+", "", titles[path])   # lessons may number their own title
+    return f"{path.name[:5]} {title}"
+
+
+def nav_source(prev: Optional[Path], nxt: Optional[Path], titles: Dict[Path, str], index: Optional[Path]) -> str:
+    parts = []
+    if prev is not None:
+        parts.append(f"&larr; Previous: [{_label(prev, titles)}]({prev.name})")
+    if index is not None:
+        parts.append(f"[Index]({index.name})")
+    if nxt is not None:
+        parts.append(f"Next: [{_label(nxt, titles)}]({nxt.name}) &rarr;")
+    return "---\n" + " | ".join(parts) + "\n\n<!-- generated by `python -m vmlab.lessons nav`; do not edit -->"
+
+
+def _map_source(paths: Sequence[Path], titles: Dict[Path, str], summaries: Dict[Path, str]) -> str:
+    lines = ["## The course map", "", "| lesson | what it shows |", "|---|---|"]
+    for p in paths:
+        if p.name == INDEX_NAME:
+            continue
+        what = summaries.get(p, "").replace("|", "\\|")
+        lines.append(f"| [{_label(p, titles)}]({p.name}) | {what} |")
+    lines += ["", "<!-- generated by `python -m vmlab.lessons nav` from each lesson's title cell; do not edit -->"]
+    return "\n".join(lines)
+
+
+def _tagged(cell: Any, tag: str) -> bool:
+    return tag in (cell.get("metadata", {}).get("tags") or [])
+
+
+def _new_md(source: str, tag: str):
+    import nbformat
+    c = nbformat.v4.new_markdown_cell(source)
+    c.metadata["tags"] = [tag]
+    return c
+
+
+def nav_plan(directory: Path = NOTEBOOKS) -> Dict[Path, Any]:
+    """The notebooks whose nav (or course map) cell is missing or stale -> their updated notebook."""
+    paths = numbered_notebooks(directory)
+    nbs = {p: _read(p) for p in paths}
+    titles = {p: title_of(nbs[p], p) for p in paths}
+    summaries = {p: summary_of(nbs[p]) for p in paths}
+    index = next((p for p in paths if p.name == INDEX_NAME), None)
+    changed: Dict[Path, Any] = {}
+    for i, p in enumerate(paths):
+        nb = nbs[p]
+        before = json.dumps([(c.cell_type, _source(c), c.get("metadata", {}).get("tags")) for c in nb.cells])
+        want = nav_source(paths[i - 1] if i > 0 else None, paths[i + 1] if i + 1 < len(paths) else None,
+                          titles, index if p != index else None)
+        navs = [c for c in nb.cells if _tagged(c, NAV_TAG)]
+        if len(navs) == 1 and nb.cells and nb.cells[-1] is navs[0]:
+            navs[0].source = want
+        else:
+            nb.cells = [c for c in nb.cells if not _tagged(c, NAV_TAG)]
+            nb.cells.append(_new_md(want, NAV_TAG))
+        if p == index:
+            maps = [c for c in nb.cells if _tagged(c, MAP_TAG)]
+            src = _map_source(paths, titles, summaries)
+            if maps:
+                maps[0].source = src
+            else:   # after the title cell
+                nb.cells.insert(1 if nb.cells else 0, _new_md(src, MAP_TAG))
+        after = json.dumps([(c.cell_type, _source(c), c.get("metadata", {}).get("tags")) for c in nb.cells])
+        if after != before:
+            changed[p] = nb
+    return changed
+
+
+def nav(directory: Path = NOTEBOOKS, check: bool = False) -> List[Path]:
+    """Write the nav cells (idempotent; only changed notebooks are written). Returns the changed paths."""
+    import nbformat
+    plan = nav_plan(directory)
+    if not check:
+        for p, nb in plan.items():
+            tmp = p.with_suffix(".ipynb.tmp")
+            nbformat.write(nb, str(tmp))
+            os.replace(tmp, p)
+    return sorted(plan)
+
+
+# ===================================================================== rendering
+def _proc_children() -> Dict[int, List[int]]:
+    kids: Dict[int, List[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def descendants(pid: int) -> List[int]:
+    kids = _proc_children()
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class QemuPoller(threading.Thread):
+    """Polls the process tree under *pid* for QEMU processes: peak RSS of one, peak sum, count."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_one_kb = 0
+        self.peak_total_kb = 0
+        self.seen: set = set()
+        self.known: List[int] = []
+        self._stop_ev = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_ev.is_set():
+            self.poll()
+            self._stop_ev.wait(self.interval)
+
+    def poll(self) -> None:
+        total = 0
+        tree = descendants(self.pid)
+        self.known = tree
+        for p in tree:
+            if _comm(p).startswith("qemu"):
+                self.seen.add(p)
+                hwm = _status_kb(p, "VmHWM")   # the kernel's own peak for this process
+                total += _status_kb(p, "VmRSS")
+                self.peak_one_kb = max(self.peak_one_kb, hwm)
+        self.peak_total_kb = max(self.peak_total_kb, total)
+
+    def stop(self) -> None:
+        self._stop_ev.set()
+
+
+def _html_links(text: str) -> str:
+    """Links between lessons point at the rendered .html files."""
+    return re.sub(r'href="([^"/:#]+)\.ipynb(#[^"]*)?"', lambda m: f'href="{m.group(1)}.html{m.group(2) or ""}"', text)
+
+
+def execute_one(src: Path, out_html: Path, timeout: int, quick: bool) -> Dict[str, Any]:
+    """Runs in the child process: execute *src* (cwd = its folder) and write HTML. Raises on failure."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from nbconvert import HTMLExporter
+    nb = _read(src)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(src.parent)}}, store_widget_state=True)
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        error = exc
+    exporter = HTMLExporter()
+    body, _ = exporter.from_notebook_node(nb)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    out_html.write_text(_html_links(body), encoding="utf-8")
+    if error is not None:
+        raise error
+    return {"cells": len(nb.cells)}
+
+
+def _cpu_now() -> float:
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def _kill_tree(pids: Sequence[int]) -> None:
+    for p in reversed(list(pids)):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def render_one(src: Path, out_dir: Path, *, quick: bool, timeout: int,
+               progress: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Execute and render one notebook in a child process; returns its timing row."""
+    out_html = out_dir / (src.stem + ".html")
+    env = dict(os.environ, VMLAB_QUICK="1" if quick else os.environ.get("VMLAB_QUICK", "0"),
+               PYTHONUNBUFFERED="1", MPLBACKEND="module://matplotlib_inline.backend_inline")
+    if quick:
+        env["VMLAB_QUICK"] = "1"
+    cmd = [sys.executable, "-m", "vmlab.lessons", "_execute", str(src), str(out_html),
+           "--timeout", str(timeout)] + (["--quick"] if quick else [])
+    cpu0, t0 = _cpu_now(), time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=str(src.parent), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    poller = QemuPoller(proc.pid)
+    poller.start()
+    status, detail = "ok", ""
+    try:
+        out, _ = proc.communicate(timeout=timeout + 30)
+        if proc.returncode != 0:
+            status = "failed"
+            detail = _error_summary(out)
+    except subprocess.TimeoutExpired:
+        status, detail = "timeout", f"did not finish within {timeout} s"
+        poller.poll()
+        _kill_tree([proc.pid] + poller.known)
+        out, _ = proc.communicate()
+    finally:
+        poller.stop()
+        poller.join(2)
+    seconds = time.monotonic() - t0
+    cpu = _cpu_now() - cpu0
+    left = [p for p in descendants(proc.pid) if _comm(p).startswith("qemu")]
+    row = {"notebook": src.name, "seconds": round(seconds, 1), "status": status,
+           "peak_qemu_rss_mb": round(poller.peak_one_kb / 1024, 1) if poller.seen else "",
+           "peak_qemu_total_rss_mb": round(poller.peak_total_kb / 1024, 1) if poller.seen else "",
+           "qemu_processes": len(poller.seen), "cpu_s": round(cpu, 1),
+           "quick": int(quick), "html": out_html.name if out_html.exists() else "", "detail": detail}
+    if left:
+        row["detail"] = (row["detail"] + f"; QEMU left running: {left}").strip("; ")
+    progress(f"{src.name}: {status} in {seconds:.1f} s (CPU {cpu:.1f} s"
+             + (f", peak QEMU RSS {row['peak_qemu_rss_mb']} MB" if poller.seen else "") + ")"
+             + (f"\n    {detail}" if detail else ""))
+    return row
+
+
+def _error_summary(output: str) -> str:
+    lines = [ln for ln in (output or "").splitlines() if ln.strip()]
+    text = (lines[-1] if lines else "no output").strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return text[:300]
+
+
+FIELDS = ["notebook", "seconds", "status", "peak_qemu_rss_mb", "peak_qemu_total_rss_mb", "qemu_processes",
+          "cpu_s", "quick", "html", "detail"]
+
+
+def write_index(rows: List[Dict[str, Any]], out_dir: Path, *, quick: bool, titles: Dict[str, str]) -> Path:
+    from .hostinfo import host_cpu
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "timings.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+    total = sum(float(r["seconds"]) for r in rows)
+    cpu = sum(float(r["cpu_s"]) for r in rows)
+    trs = []
+    for r in rows:
+        name = html.escape(titles.get(r["notebook"], r["notebook"]))
+        link = f'<a href="{html.escape(r["html"])}">{name}</a>' if r.get("html") else name
+        cls = "ok" if r["status"] == "ok" else "bad"
+        trs.append(f"<tr class='{cls}'><td>{html.escape(r['notebook'][:5])}</td><td>{link}</td>"
+                   f"<td class=n>{r['seconds']}</td><td>{html.escape(r['status'])}</td>"
+                   f"<td class=n>{r['peak_qemu_rss_mb']}</td><td class=n>{r['qemu_processes']}</td>"
+                   f"<td class=n>{r['cpu_s']}</td><td>{html.escape(str(r.get('detail', '')))}</td></tr>")
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vmlab lessons</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{padding:.2em .6em;border-bottom:1px solid #ddd}}
+td.n{{text-align:right}}tr.bad{{background:#fde0d0}}</style></head><body>
+<h1>vmlab lessons</h1>
+<p>Executed headless {'in QUICK mode (VMLAB_QUICK=1) ' if quick else ''}on {html.escape(host_cpu())}, {os.cpu_count()} CPUs, {when}.
+Total {total:.0f} s wall, {cpu:.0f} CPU-seconds.</p>
+<table id="timings"><tr><th>#</th><th>lesson</th><th>seconds</th><th>status</th><th>peak QEMU RSS (MB)</th>
+<th>QEMU processes</th><th>CPU s</th><th>detail</th></tr>
+{''.join(trs)}
+</table>
+<p>Peak QEMU RSS: the largest VmHWM of one QEMU process seen while polling the notebook's process tree.
+CPU s: getrusage of the notebook's process tree (kernel and QEMU) after it exited, plus this renderer.</p>
+</body></html>"""
+    (out_dir / "index.html").write_text(page, encoding="utf-8")
+    return out_dir / "index.html"
+
+
+def render(*, quick: bool = False, only: Optional[str] = None, timeout: Optional[int] = None,
+           directory: Path = NOTEBOOKS, out_dir: Path = BUILD,
+           progress: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    paths = numbered_notebooks(directory)
+    if only:
+        rx = re.compile(only)
+        paths = [p for p in paths if rx.search(p.name)]
+    timeout = timeout or (QUICK_TIMEOUT if quick else DEFAULT_TIMEOUT)
+    out_dir = Path(out_dir)
+    titles = {}
+    rows = []
+    for p in paths:
+        titles[p.name] = f"{p.name[:5]} {title_of(_read(p), p)}"
+        progress(f"executing {p.name} ...")
+        rows.append(render_one(p, out_dir, quick=quick, timeout=timeout, progress=progress))
+    # keep rows of notebooks not re-rendered this time (--only), so index.html lists the whole course
+    old = out_dir / "timings.csv"
+    if only and old.exists():
+        done = {r["notebook"] for r in rows}
+        with open(old) as f:
+            for r in csv.DictReader(f):
+                if r["notebook"] not in done and (directory / r["notebook"]).exists():
+                    rows.append(r)
+                    titles[r["notebook"]] = f"{r['notebook'][:5]} {title_of(_read(directory / r['notebook']), directory / r['notebook'])}"
+        rows.sort(key=lambda r: r["notebook"])
+    write_index(rows, out_dir, quick=quick, titles=titles)
+    return rows
+
+
+def timings(path: Path = BUILD / "timings.csv"):
+    """The last `make lessons` timing table (a DataFrame), or None if it has not been run."""
+    import pandas as pd
+    if not Path(path).exists():
+        return None
+    return pd.read_csv(path)
+
+
+def course_table(directory: Path = NOTEBOOKS, timings_csv: Path = BUILD / "timings.csv"):
+    """The lessons with what each shows and how long it took to run (from the last `make lessons`)."""
+    import pandas as pd
+    t = timings(timings_csv)
+    secs = {} if t is None else {r.notebook: (r.seconds, r.status, int(r.quick)) for r in t.itertuples()}
+    rows = []
+    for p in numbered_notebooks(directory):
+        if p.name == INDEX_NAME:
+            continue
+        nb = _read(p)
+        s = secs.get(p.name)
+        ran = "not run yet (make lessons)" if s is None else (
+            f"{s[0]:.0f} s{' (quick)' if s[2] else ''}" + ("" if s[1] == "ok" else f", {s[1]}"))
+        rows.append({"lesson": p.name[:5], "title": title_of(nb, p), "headless run": ran})
+    return pd.DataFrame(rows).set_index("lesson") if rows else pd.DataFrame(columns=["title", "headless run"])
+
+
+# =========================================================================== CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vmlab.lessons", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="execute every numbered notebook headless and write HTML + timings")
+    r.add_argument("--quick", action="store_true", help="VMLAB_QUICK=1: small sizes, few repeats")
+    r.add_argument("--only", metavar="PATTERN", help="regular expression on the notebook file name")
+    r.add_argument("--timeout", type=int, help=f"seconds per notebook (default {QUICK_TIMEOUT} quick, {DEFAULT_TIMEOUT})")
+    r.add_argument("--out", type=Path, default=BUILD)
+    r.add_argument("--notebooks", type=Path, default=NOTEBOOKS)
+    n = sub.add_parser("nav", help="write the previous/next cells (and the index's course map)")
+    n.add_argument("--check", action="store_true", help="only report; exit 1 if anything is stale")
+    n.add_argument("--notebooks", type=Path, default=NOTEBOOKS)
+    x = sub.add_parser("_execute", help=argparse.SUPPRESS)
+    x.add_argument("src", type=Path)
+    x.add_argument("out", type=Path)
+    x.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT)
+    x.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cmd == "nav":
+        changed = nav(args.notebooks, check=args.check)
+        for p in changed:
+            print(("stale: " if args.check else "updated: ") + p.name)
+        if not changed:
+            print("nav cells up to date")
+        return 1 if (args.check and changed) else 0
+    if args.cmd == "_execute":
+        try:
+            execute_one(args.src, args.out, args.timeout, args.quick)
+        except Exception as exc:  # the parent reports it
+            if getattr(exc, "ename", None):     # nbclient's CellExecutionError: the cell's own error
+                print(f"{exc.ename}: {exc.evalue}", file=sys.stderr)
+            else:
+                print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    t0 = time.monotonic()
+    rows = render(quick=args.quick, only=args.only, timeout=args.timeout, directory=args.notebooks,
+                  out_dir=args.out)
+    if not rows:
+        print("no notebooks matched", file=sys.stderr)
+        return 1
+    bad = [r for r in rows if r["status"] != "ok"]
+    w = max(len(r["notebook"]) for r in rows)
+    print(f"\n{'notebook':<{w}}  {'seconds':>7}  {'status':<7}  {'peak QEMU RSS MB':>16}  {'CPU s':>6}")
+    for r in rows:
+        print(f"{r['notebook']:<{w}}  {r['seconds']:>7}  {r['status']:<7}  {str(r['peak_qemu_rss_mb']):>16}  {r['cpu_s']:>6}")
+    print(f"total {time.monotonic() - t0:.0f} s; HTML in {args.out}/index.html")
+    if bad:
+        print(f"{len(bad)} notebook(s) failed: " + ", ".join(r["notebook"] for r in bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vmlab import VM, AsyncVM, GuestError, LaunchError, RunState, SetupError, StateError, VMTimeout
+from vmlab import VM, AsyncVM, GuestError, RunState, SetupError, StateError, VMTimeout
 
 pytestmark = pytest.mark.integration
 

@@ -236,31 +236,38 @@ def rss_vs_touch(vm: Any, sizes_mb: Sequence[int], hold_ms: int = 1500,
 
 
 # --------------------------------------------------------------------------- native vmbench
-def native_vmbench(force: bool = False) -> Path:
-    """vmbench compiled for the host (``gcc -static -O2``), cached by the source's hash.
+def native_vmbench(progress: Optional[Any] = None, force: bool = False) -> Path:
+    """vmbench.c compiled for this host (``gcc -static -O2``), cached by source hash.
 
     The "no hypervisor" baseline: the same C code the guest runs, run directly.
     """
     from .image import cache_dir
+    from .measure import say
     src = VMBENCH_SRC.read_bytes()
-    gcc = shutil.which("gcc")
-    if not gcc:
-        raise SetupError("gcc is not installed, so vmbench cannot be compiled for the host",
-                         fix="apt-get install gcc libc6-dev")
-    key = hashlib.sha256(src + gcc.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(src).hexdigest()[:16]
     d = cache_dir() / "native"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    exe = d / f"vmbench-{key}"
-    if exe.exists() and not force:
+    exe = d / f"vmbench-{digest}"
+    if exe.exists() and os.access(exe, os.X_OK) and not force:
         return exe
-    tmp = d / f".vmbench-{key}.{os.getpid()}"
-    p = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(tmp), str(VMBENCH_SRC)],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise SetupError(f"compiling vmbench for the host failed: {p.stderr.strip()[-400:]}",
-                         fix="apt-get install gcc libc6-dev (static libc: libc6-dev)")
+    gcc = shutil.which("gcc")
+    if not gcc:
+        raise SetupError("gcc is not installed, so vmbench cannot be compiled for the host "
+                         "(the native baseline of the CPU and hosted lessons)",
+                         fix="apt-get install gcc libc6-dev (or run `make setup`)")
+    say(progress, "compiling vmbench.c for the host (gcc -static -O2)")
+    tmp = d / f".vmbench-{digest}.tmp{os.getpid()}"
+    proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(tmp), str(VMBENCH_SRC)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        err = proc.stderr.strip()
+        if re.search(r"cannot find -lc\b|crt1\.o|stdio\.h: No such file", err):
+            raise SetupError("cannot build static programs for the host: the static C library is missing",
+                             fix="apt-get install libc6-dev")
+        raise SetupError(f"compiling vmbench.c for the host failed: {err[-400:]}",
+                         fix=f"fix the compile error in {VMBENCH_SRC}")
+    os.chmod(tmp, 0o755)
     os.replace(tmp, exe)
     return exe
 

@@ -88,6 +88,11 @@ def setup(quick: bool = False, progress: Optional[Callable[[str], None]] = None)
     took = time.monotonic() - t0
     msg = f"ready, kernel {image.kernel_version}" + (f" (built in {took:.0f} s)" if took > 5 else " (cached)")
     p(msg)
+    try:   # lesson tables carry sentences (reasons, fixes): show them whole
+        import pandas as pd
+        pd.set_option("display.max_colwidth", 200)
+    except ImportError:
+        pass
     if quick:
         print("QUICK mode: small sizes and few repeats (VMLAB_QUICK=1)")
     return image
@@ -376,14 +381,31 @@ def summary_of(nb: Any) -> str:
         paras = [p.strip() for p in _source(cell).split("\n\n")]
         for p in paras:
             if p and not p.startswith("#") and not p.startswith("- ") and not p.startswith("<"):
-                return " ".join(p.split())
+                return _first_sentences(" ".join(p.split()))
         return ""
     return ""
 
 
+def _first_sentences(text: str, limit: int = 240) -> str:
+    """Whole sentences up to about *limit* characters; a trailing colon becomes an ellipsis."""
+    parts = re.split(r"(?<=[.!?])\s+", text)
+    out = ""
+    for part in parts:
+        if out and len(out) + len(part) + 1 > limit:
+            break
+        out = f"{out} {part}".strip()
+    if len(out) > limit + 60:
+        out = out[:limit].rsplit(" ", 1)[0] + " …"
+    return re.sub(r":$", " …", out)
+
+
+def short_title(title: str) -> str:
+    """A lesson title without its own number prefix."""
+    return re.sub(r"^\d\d\.\d\d[\s:.-]+", "", title)
+
+
 def _label(path: Path, titles: Dict[Path, str]) -> str:
-    title = re.sub(r"^\d\d\.\d\d[\s:.-]+", "", titles[path])   # lessons may number their own title
-    return f"{path.name[:5]} {title}"
+    return f"{path.name[:5]} {short_title(titles[path])}"   # lessons may number their own title
 
 
 def nav_source(prev: Optional[Path], nxt: Optional[Path], titles: Dict[Path, str], index: Optional[Path]) -> str:
@@ -726,7 +748,7 @@ def course_table(directory: Path = NOTEBOOKS, timings_csv: Path = BUILD / "timin
         s = secs.get(p.name)
         ran = "not run yet (make lessons)" if s is None else (
             f"{s[0]:.0f} s{' (quick)' if s[2] else ''}" + ("" if s[1] == "ok" else f", {s[1]}"))
-        rows.append({"lesson": p.name[:5], "title": title_of(nb, p), "headless run": ran})
+        rows.append({"lesson": p.name[:5], "title": short_title(title_of(nb, p)).split(":")[0], "headless run": ran})
     return pd.DataFrame(rows).set_index("lesson") if rows else pd.DataFrame(columns=["title", "headless run"])
 
 

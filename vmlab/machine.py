@@ -24,13 +24,12 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp import ExecuteError as _QMPExecuteError
@@ -745,16 +744,8 @@ class AsyncVM:
 
     def qemu_rss_bytes(self) -> int:
         """Resident memory of the QEMU process now."""
-        if not self.pid:
-            return 0
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
+        from .hostview import rss_bytes
+        return rss_bytes(self.pid) if self.pid else 0
 
     def trace_counts(self, reset: bool = False) -> Dict[str, int]:
         """Count trace events logged so far (``spec.trace`` patterns), by event name."""

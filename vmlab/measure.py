@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from .errors import ExperimentError, VMLabError
 

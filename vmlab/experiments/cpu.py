@@ -24,17 +24,14 @@ native under TCG; a memory-heavy one (``memory_bw``) does not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import SetupError, SpecError, VMLabError
+from ..hostview import native_vmbench  # vmbench for the host; re-exported as cpu.native_vmbench
 from ..measure import Rows, say
 
 SOURCE = Path(__file__).resolve().parent.parent / "guest" / "vmbench.c"
@@ -68,38 +65,6 @@ FULL = {"repeats": 7, "scale": 0.5}
 
 
 # ---------------------------------------------------------------- native tool
-def native_vmbench(progress: Optional[Callable[[str], None]] = None) -> Path:
-    """vmbench.c compiled for this host (``gcc -static -O2``), cached by source hash."""
-    from ..image import cache_dir
-    src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    d = cache_dir() / "native"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    exe = d / f"vmbench-{digest}"
-    if exe.exists() and os.access(exe, os.X_OK):
-        return exe
-    gcc = shutil.which("gcc")
-    if not gcc:
-        raise SetupError("gcc is not installed, so vmbench cannot be compiled for the host "
-                         "(the native column of the CPU lesson)",
-                         fix="apt-get install gcc libc6-dev (or run `make setup`)")
-    say(progress, "compiling vmbench.c for the host (gcc -static -O2)")
-    tmp = d / f".vmbench-{digest}.tmp{os.getpid()}"
-    proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(tmp), str(SOURCE)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        err = proc.stderr.strip()
-        if re.search(r"cannot find -lc\b|crt1\.o|stdio\.h: No such file", err):
-            raise SetupError("cannot build static programs for the host: the static C library is missing",
-                             fix="apt-get install libc6-dev")
-        raise SetupError(f"compiling vmbench.c for the host failed: {err[-400:]}",
-                         fix=f"fix the compile error in {SOURCE}")
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, exe)
-    return exe
-
-
 def _bench_args(benchmarks: Optional[Sequence[str]], repeats: int, scale: float) -> List[str]:
     args = ["cpu", "--repeats", str(int(repeats)), "--scale", repr(float(scale))]
     if benchmarks:
@@ -311,7 +276,6 @@ def paper_table(df: Any, reference: Optional[Any] = None) -> Any:
     out = []
     for bench, paper in PAPER_NAME.items():
         sub = df[df.benchmark == bench]
-        meas = {p: sub[sub.platform == p]["cycles_per_op"].median() for p in sub.platform.unique()}
         ns = {p: sub[sub.platform == p]["ns_per_op"].median() for p in sub.platform.unique()}
         pub = ref[ref.benchmark == paper]
         pubtxt = {}

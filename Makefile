@@ -73,8 +73,9 @@ test: setup system-test
 lessons: setup
 	$(PY) -m vmlab.lessons render --quick
 
+DEMO_PORT ?= 8866
 demo: setup
-	$(VENV)/bin/voila --no-browser --strip_sources=True notebooks/demo
+	$(VENV)/bin/voila --no-browser --strip_sources=True --Voila.ip=127.0.0.1 --port=$(DEMO_PORT) notebooks/demo
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -133,215 +133,6 @@ def doctor_table(report: Optional[Dict[str, Any]] = None):
 
 
 # ================================================================ instructor mode
-_FALLBACK_RACERS = {   # used only if vmlab.devices is not there
-    "ide-pio": dict(kind="emulated", title="IDE, PIO mode", bus="ide", kernel_args="libata.dma=0", path="/dev/sda"),
-    "virtio-blk": dict(kind="paravirtual", title="virtio-blk", bus="virtio", kernel_args="", path="/dev/vda"),
-}
-
-
-class DeviceRace:
-    """Two (or more) VMs read their disks side by side; a plot of cumulative MB vs time grows as they run.
-
-        race = DeviceRace(["ide-pio", "virtio-blk"], seconds=30); race        # a Start button in the widget
-        race.run()                                                             # or headless: blocks, returns rows
-
-    Each racer boots its own VM (the device profile of ``vmlab.devices``, traces off), then repeats
-    ``vmbench disk --dev PATH --mode read --pattern seq --bs BS --total CHUNK --direct`` at advancing
-    offsets until ``seconds`` have passed. Errors show in the widget; the VMs are always shut down.
-    """
-
-    def __init__(self, devices: Sequence[str] = ("ide-pio", "virtio-blk"), *, seconds: float = 30,
-                 chunk_mb: int = 4, bs: int = 65536, disk_mb: int = 64, interval: float = 0.5,
-                 accel: str = "auto") -> None:
-        from .errors import SpecError
-        if not 0 < chunk_mb < disk_mb:
-            raise SpecError("chunk_mb", f"{chunk_mb} must be between 0 and the disk size {disk_mb}",
-                            fix="e.g. chunk_mb=4, disk_mb=64")
-        self.racers = [self._profile(n) for n in devices]
-        self.seconds, self.chunk_mb, self.bs, self.disk_mb = float(seconds), int(chunk_mb), int(bs), int(disk_mb)
-        self.interval, self.accel = interval, accel
-        self.data: Dict[str, List[tuple]] = {r["name"]: [] for r in self.racers}
-        self.where: Dict[str, str] = {}
-        self.errors: List[str] = []
-        self.running = False
-        self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
-        self._widget = None
-
-    @staticmethod
-    def _profile(name: str) -> Dict[str, Any]:
-        try:
-            from . import devices
-            p = devices.get(name, "disk")
-            return dict(name=p.name, kind=p.kind, title=p.title, path=p.guest_path,
-                        spec=lambda accel, mb, p=p: p.spec(accel=accel, disk_size=f"{mb}M", trace=False,
-                                                           name=f"race-{p.name}"))
-        except ImportError:
-            f = _FALLBACK_RACERS[name]
-            from .spec import Disk, MachineSpec
-            return dict(name=name, kind=f["kind"], title=f["title"], path=f["path"],
-                        spec=lambda accel, mb, f=f: MachineSpec(name=f"race-{name}", accel=accel,
-                                                                disks=(Disk(bus=f["bus"], size=f"{mb}M"),),
-                                                                kernel_args=f["kernel_args"]))
-
-    # ------------------------------------------------------------- running
-    def _race_one(self, racer: Dict[str, Any], ready: threading.Barrier) -> None:
-        from .machine import VM
-        from .hostinfo import where
-        name = racer["name"]
-        vm = None
-        try:
-            vm = VM(racer["spec"](self.accel, self.disk_mb)).start()
-            self.where = where(vm.accel, vm.kernel_release)
-            ready.wait(timeout=120)
-            t0, total, k = time.monotonic(), 0, 0
-            self.data[name] = [(0.0, 0.0)]
-            span = self.disk_mb // self.chunk_mb
-            while not self._stop.is_set() and time.monotonic() - t0 < self.seconds:
-                off = (k % span) * self.chunk_mb << 20
-                r = vm.run(f"vmbench disk --dev {racer['path']} --mode read --pattern seq --bs {self.bs} "
-                           f"--total {self.chunk_mb}M --offset {off} --direct", timeout=120)
-                total += json.loads(r.stdout.strip().splitlines()[-1])["bytes"]
-                k += 1
-                self.data[name].append((time.monotonic() - t0, total / 1e6))
-        except Exception as exc:  # shown in the widget, never raised from a thread
-            self.errors.append(f"{name}: {getattr(exc, 'message', None) or exc}")
-            self._stop.set()
-            try:
-                ready.abort()
-            except Exception:
-                pass
-        finally:
-            if vm is not None:
-                try:
-                    vm.shutdown()
-                except Exception as exc:
-                    self.errors.append(f"{name}: shutdown: {exc}")
-
-    def start(self) -> None:
-        """Start the race in the background (the Start button calls this)."""
-        if self.running:
-            return
-        self.running = True
-        self._stop.clear()
-        self.errors.clear()
-        self.data = {r["name"]: [] for r in self.racers}
-        ready = threading.Barrier(len(self.racers))
-        self._threads = [threading.Thread(target=self._race_one, args=(r, ready), daemon=True,
-                                          name=f"race-{r['name']}") for r in self.racers]
-        for t in self._threads:
-            t.start()
-        threading.Thread(target=self._watch, daemon=True, name="race-plot").start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def wait(self, timeout: float = 300) -> None:
-        for t in self._threads:
-            t.join(timeout)
-
-    def run(self):
-        """Race headless (blocking) and return the rows as a DataFrame."""
-        self.start()
-        self.wait()
-        while self.running:
-            time.sleep(0.05)
-        return self.frame()
-
-    def _watch(self) -> None:
-        try:
-            while any(t.is_alive() for t in self._threads):
-                self._redraw()
-                time.sleep(self.interval)
-        finally:
-            self.running = False
-            self._redraw()
-
-    # ---------------------------------------------------------- results
-    def frame(self):
-        import pandas as pd
-        rows = [{"device": n, "t_s": t, "mb": mb, **self.where} for n, pts in self.data.items() for t, mb in pts]
-        return pd.DataFrame(rows)
-
-    def rates(self) -> Dict[str, float]:
-        """MB/s of each racer so far (total MB / elapsed s)."""
-        return {n: (pts[-1][1] / pts[-1][0]) for n, pts in self.data.items() if pts and pts[-1][0] > 0}
-
-    def figure_png(self) -> bytes:
-        import matplotlib
-        from matplotlib.figure import Figure
-        from . import plots
-        fig = Figure(figsize=(8, 3.6), dpi=100)
-        ax = fig.add_subplot(1, 1, 1)
-        rates = self.rates()
-        for i, r in enumerate(self.racers):
-            pts = self.data.get(r["name"]) or [(0.0, 0.0)]
-            label = f"{r['title']} ({r['kind']})" + (f": {rates[r['name']]:.1f} MB/s" if r["name"] in rates else "")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=2.5, label=label,
-                    color=plots.color_for(r["kind"], i))
-        ax.set_xlim(0, self.seconds)
-        ax.set_ylim(bottom=0)
-        ax.legend(loc="upper left", frameon=False)
-        src = plots.where_label(self.frame()) if any(self.data.values()) else ""
-        plots.style(ax, title="Device race: data read from the virtual disk", xlabel="time since the start (s)",
-                    ylabel="data read (MB)", source=src)
-        fig.tight_layout()
-        import io
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-
-    # ----------------------------------------------------------- widget
-    def _redraw(self) -> None:
-        if self._widget is None:
-            return
-        try:
-            self._image.value = self.figure_png()
-            rates = self.rates()
-            state = "racing" if self.running else ("finished" if any(self.data.values()) else "ready")
-            if self.running and not any(len(v) > 1 for v in self.data.values()):
-                state = "booting the VMs"
-            parts = [f"<b>{html.escape(state)}</b>"]
-            if len(rates) == 2 and min(rates.values()) > 0:
-                (a, ra), (b, rb) = list(rates.items())
-                parts.append(f"{b} / {a}: {rb / ra:.1f}x")
-            self._status.value = " &nbsp; ".join(parts)
-            self._status_text = state
-            if self.errors:
-                self._err.value = "<pre style='color:#D55E00'>" + html.escape("\n".join(self.errors)) + "</pre>"
-            self._go.disabled = self.running
-        except Exception as exc:  # a redraw must not kill the watcher
-            self.errors.append(f"redraw: {exc}")
-
-    @property
-    def widget(self):
-        if self._widget is None:
-            import ipywidgets as W
-            self._go = W.Button(description="Start the race", icon="flag-checkered", button_style="success")
-            self._go.add_class("vmlab-race-start")
-            halt = W.Button(description="Stop", icon="stop")
-            self._go.on_click(lambda _b: self._safe(self.start))
-            halt.on_click(lambda _b: self._safe(self.stop))
-            self._status = W.HTML("<b>ready</b>")
-            self._status.add_class("vmlab-race-status")
-            self._image = W.Image(format="png", layout=W.Layout(width="800px"))
-            self._image.add_class("vmlab-race-plot")
-            self._err = W.HTML("")
-            self._err.add_class("vmlab-error")
-            self._widget = W.VBox([W.HBox([self._go, halt, self._status]), self._image, self._err])
-            self._image.value = self.figure_png()
-        return self._widget
-
-    def _safe(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception as exc:
-            self.errors.append(str(exc))
-            self._redraw()
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-        display(self.widget)
 
 
 # ===================================================================== notebooks
@@ -396,7 +187,10 @@ def _first_sentences(text: str, limit: int = 240) -> str:
         out = f"{out} {part}".strip()
     if len(out) > limit + 60:
         out = out[:limit].rsplit(" ", 1)[0] + " …"
-    return re.sub(r":$", " …", out)
+    out = re.sub(r":$", " …", out.replace("*", ""))     # no half-closed emphasis in the map
+    if out.count('"') % 2:
+        out += '"' if out.endswith(("…", ".", "!", "?")) else ' …"'
+    return out
 
 
 def short_title(title: str) -> str:
@@ -570,7 +364,6 @@ def _html_links(text: str) -> str:
 
 def execute_one(src: Path, out_html: Path, timeout: int, quick: bool) -> Dict[str, Any]:
     """Runs in the child process: execute *src* (cwd = its folder) and write HTML. Raises on failure."""
-    import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter

@@ -510,12 +510,14 @@ class AsyncVM:
         if paused:
             self.state = RunState.PAUSED
             self._agent.mark_reconnected()
+            self._agent.kernel_release = getattr(self._image, "kernel_version", None)
             return
         if st["status"] != "running":
             await self.qmp("cont")
         self.state = RunState.RUNNING
         await self._race(self._agent.ping(timeout=10), 15, "the restored guest agent")
         self._agent.mark_reconnected()
+        self._agent.kernel_release = self._agent.kernel_release or getattr(self._image, "kernel_version", None)
         self.boot_seconds = time.monotonic() - self._t0
         self._record_event("READY", {"kernel": self._agent.kernel_release, "warm": True}, source="agent")
 

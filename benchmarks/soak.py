@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     image = ensure_image()
-    with VM(accel="tcg", image=image, name="soak", warm=True) as vm:    # warm-up (writes the snapshot)
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:    # warm-up (writes the snapshot)
         vm.run("true")
         release = vm.run("uname -r").stdout.strip()
     gc.collect()
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     starts, stops, runs, growth_curve = [], [], [], []
     for i in range(args.cycles):
         t = time.perf_counter()
-        vm = VM(accel="tcg", image=image, name="soak", warm=True).start()
+        vm = VM(accel="tcg", image=image, name="relwarm", warm=True).start()
         starts.append(time.perf_counter() - t)
         try:
             vm.run("true")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             stops.append(time.perf_counter() - t)
         if i % max(1, args.cycles // 10) == 0:
             growth_curve.append({"cycle": i, **{k: v - before[k] for k, v in sample().items()}})
-    with VM(accel="tcg", image=image, name="soak", warm=True) as vm:
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         for i in range(args.runs):
             runs.append(vm.run(f"echo {i}").wall_s)
     gc.collect()

@@ -93,7 +93,7 @@ def spawn_helper(name: str, *args: str, env: dict | None = None) -> tuple[subpro
 
 # ================================================================== orphans
 def sigkill_trial() -> dict:
-    name = "orphk"          # fixed: a warm snapshot is cached per VM name (80 MB each)
+    name = "relwarm"        # one fixed name: a warm snapshot (80 MB) is cached per VM name
     proc, info = spawn_helper(name, "--warm")
     vm = info["vms"][0]
     qpid, pdir = vm["qemu_pid"], Path(vm["private_dir"])
@@ -175,7 +175,7 @@ def test_sweep_never_kills_a_process_that_is_not_qemu(tmp_path):
 @pytest.mark.integration
 def test_sweep_kills_a_real_qemu_whose_owner_died(image, tmp_path):
     """A QEMU that outlived its owner (simulated: the owner file names a dead pid) is killed."""
-    name = "stray"
+    name = "relwarm"
     vm = VM(accel="tcg", image=image, name=name, warm=True)
     vm.start()
     try:
@@ -193,7 +193,7 @@ def test_sweep_kills_a_real_qemu_whose_owner_died(image, tmp_path):
 
 
 def exception_trial(image) -> dict:
-    name = "orphx"
+    name = "relwarm"
     seen = {}
     with pytest.raises(RuntimeError, match="boom"):
         with VM(accel="tcg", image=image, name=name, warm=True) as vm:
@@ -239,7 +239,7 @@ def _kernel_eval(kc, code: str, expr: str, timeout: float = 180) -> str:
 
 def kernel_trial() -> dict:
     jc = pytest.importorskip("jupyter_client.manager")
-    name = "orphj"
+    name = "relwarm"
     km, kc = jc.start_new_kernel(kernel_name="python3", startup_timeout=120, cwd=str(ROOT))
     try:
         import ast
@@ -293,7 +293,7 @@ def test_qemu_killed_mid_experiment_keeps_the_rows(image, tmp_path, monkeypatch)
     import vmlab.measure as measure
     monkeypatch.setattr(measure, "DATA_DIR", tmp_path)     # the partial CSV goes here, not into data/
     rows = Rows("faultdemo", where={"accel": "tcg"})
-    with VM(accel="tcg", image=image, name="faultkill", warm=True) as vm:
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         qpid = vm.pid
         with pytest.raises(ExperimentError) as ei:
             with rows.guard():
@@ -356,7 +356,7 @@ def test_kernel_panic_error_quotes_the_panic_reason(image):
 
 @pytest.mark.integration
 def test_vm_paused_behind_the_librarys_back_is_a_clear_state_error(image):
-    with VM(accel="tcg", image=image, name="faultstop", warm=True) as vm:
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         vm.qmp("stop")                 # the STOP event tells the library
         t0 = time.monotonic()
         with pytest.raises(Exception) as ei:
@@ -371,7 +371,7 @@ def test_vm_paused_behind_the_librarys_back_is_a_clear_state_error(image):
 @pytest.mark.xfail(strict=True, reason="vmlab/machine.py lets the agent's asyncio.TimeoutError through: a bare "
                                        "TimeoutError with an empty message (diff in the reliability report)")
 def test_guest_that_stops_answering_is_a_timeout_naming_the_phase(image):
-    with VM(accel="tcg", image=image, name="faultstop", warm=True) as vm:
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         os.kill(vm.pid, signal.SIGSTOP)          # QEMU frozen: nobody answers, no event says so
         try:
             t0 = time.monotonic()
@@ -607,7 +607,7 @@ def _children() -> int:
 
 def soak(image, cycles: int, runs: int, rss_bound_mb: int) -> dict:
     import gc
-    name = "soak"
+    name = "relwarm"
     with VM(accel="tcg", image=image, name=name, warm=True) as vm:    # warm-up: snapshot, lazy imports
         vm.run("true")
     gc.collect()

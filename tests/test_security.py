@@ -72,7 +72,7 @@ def inet_sockets(pid: int) -> list[dict]:
 @pytest.fixture
 def vm(image):
     """A default guest, warm-started (0.1 s instead of a boot): the same command line and sockets."""
-    with VM(accel="tcg", image=image, name="sec", warm=True) as v:
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as v:
         yield v
 
 
@@ -180,7 +180,7 @@ def test_files_in_private_dir_are_user_only(vm):
 
 @pytest.mark.integration
 def test_cached_images_and_warm_snapshots_are_user_only(image):
-    with VM(accel="tcg", image=image, name="secwarm", warm=True) as vm:
+    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         vm.run("true")
     cache = cache_dir()
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
@@ -193,7 +193,7 @@ def test_cached_images_and_warm_snapshots_are_user_only(image):
                 continue
             assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, f"{p} is readable by others"
             checked += 1
-    assert list((cache / "warm").glob("secwarm-*.state"))
+    assert list((cache / "warm").glob("relwarm-*.state"))
     assert checked >= 4
 
 

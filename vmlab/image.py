@@ -162,7 +162,8 @@ def _sha256_file(path: Path) -> str:
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        with open(tmp, "w", opener=lambda p, fl: os.open(p, fl, 0o600)) as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -1151,7 +1152,13 @@ def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path]) ->
             _rmtree(stale)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
         try:
-            manifest = _build(tmp, kernel, busybox, gdir, inputs, key, progress)
+            try:
+                manifest = _build(tmp, kernel, busybox, gdir, inputs, key, progress)
+            except OSError as exc:      # ENOSPC, EDQUOT, EACCES... while writing the build
+                raise ImageError(f"building the guest image in {images} failed: {exc.strerror or exc}"
+                                 + (f" ({exc.filename2 or exc.filename})" if exc.filename else ""),
+                                 fix="free some space (the build needs ~600 MB) or set VMLAB_CACHE to a "
+                                     "directory on a bigger disk") from exc
             out = tmp / "out"
             if final.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=images))

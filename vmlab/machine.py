@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
@@ -70,10 +71,16 @@ class AsyncVM:
     def __init__(self, spec: Optional[MachineSpec] = None, *, image: Any = None,
                  warm: bool = False, boot_timeout: Optional[float] = None,
                  keep_dir: bool = False, **fields: Any) -> None:
-        if spec is None:
-            spec = MachineSpec(**fields) if fields else MachineSpec()
-        elif fields:
-            spec = spec.with_(**fields)
+        try:
+            if spec is None:
+                spec = MachineSpec(**fields) if fields else MachineSpec()
+            elif fields and isinstance(spec, MachineSpec):
+                spec = spec.with_(**fields)
+        except TypeError as exc:
+            bad = sorted(set(fields) - {f.name for f in dataclasses.fields(MachineSpec)})
+            raise SpecError(bad[0] if bad else "spec", f"unknown VM setting(s) {', '.join(bad) or fields}",
+                            fix="the settings are: " + ", ".join(f.name for f in dataclasses.fields(MachineSpec))
+                                + ", and image=, warm=, boot_timeout=, keep_dir=") from exc
         if not isinstance(spec, MachineSpec):
             raise SpecError("spec", f"expected a MachineSpec, got {spec!r}", fix="use vmlab.MachineSpec(...)")
         self.spec: MachineSpec = spec.validated()
@@ -85,6 +92,9 @@ class AsyncVM:
         if boot_timeout is not None and not (isinstance(boot_timeout, (int, float)) and boot_timeout > 0):
             raise SpecError("boot_timeout", f"{boot_timeout!r} is not a positive number of seconds",
                             fix="e.g. boot_timeout=60")
+        if image is not None and not (hasattr(image, "kernel") and hasattr(image, "initrd")):
+            raise SpecError("image", f"{image!r} is not a guest image",
+                            fix="leave image out (the lesson image is built and cached), or pass vmlab.image.ensure_image()")
         self._image = image
         self.warm = warm
         self.boot_timeout = boot_timeout
@@ -201,6 +211,7 @@ class AsyncVM:
                              fix="create a new VM object to start another machine")
         from .accel import resolve_accel
         from .image import ensure_image
+        reaper.sweep_stale()
         self.state = RunState.STARTING
         self._console_changed = asyncio.Condition()
         self._event_changed = asyncio.Condition()
@@ -248,6 +259,7 @@ class AsyncVM:
         loop = asyncio.get_running_loop()
         self.private_dir = Path(tempfile.mkdtemp(prefix=f"vmlab-{self.spec.name}-", dir=_private_root()))
         os.chmod(self.private_dir, 0o700)
+        reaper.claim_dir(self.private_dir)
         disk_paths = [self._prepare_disk(i, d) for i, d in enumerate(self.spec.disks)]
         qmp_host, qmp_qemu = socket.socketpair()
         agent_host, agent_qemu = socket.socketpair()
@@ -273,8 +285,10 @@ class AsyncVM:
                 private_dir=self.private_dir, disk_paths=disk_paths, nic_fds=nic_fds,
                 paused=paused, incoming_fd=incoming_file.fileno() if incoming_file else None,
                 trace_file=self.private_dir / "trace.log")
-            stderr = open(self.private_dir / "qemu.stderr", "wb")
-            self._console_file = open(self.private_dir / "console.log", "wb")
+            stderr = open(self.private_dir / "qemu.stderr", "wb", opener=_user_only)
+            self._console_file = open(self.private_dir / "console.log", "wb", opener=_user_only)
+            if self.spec.trace:     # QEMU would create it with the umask (0644)
+                open(self.private_dir / "trace.log", "wb", opener=_user_only).close()
             self._t0 = time.monotonic()
             try:
                 self._proc = subprocess.Popen(
@@ -435,7 +449,9 @@ class AsyncVM:
                                  exit_code=self.exit_code, fix=_launch_fix(self._stderr_text()),
                                  **self._err_kw())
                 if b"Kernel panic" in self._console:
-                    raise VMError(f"the guest kernel panicked while waiting for {phase}",
+                    why = re.search(rb"Kernel panic - not syncing: ([^\r\n]*)", self._console)
+                    raise VMError(f"the guest kernel panicked while waiting for {phase}"
+                                  + (f": {why.group(1).decode(errors='replace')}" if why else ""),
                                   fix="read the console tail; more memory (memory=256) often helps",
                                   **self._err_kw())
         finally:
@@ -530,7 +546,7 @@ class AsyncVM:
         try:
             return await self._qmp.execute(command, args or None)
         except _QMPExecuteError as exc:
-            raise VMError(f"QMP {command} failed: {exc.error.desc if hasattr(exc, 'error') else exc}",
+            raise VMError(f"QMP {command} failed: {exc}", fix="see the QMP reference for its arguments",
                           **self._err_kw()) from exc
         except Exception as exc:
             if self.exit_code is not None or (self._exited and self._exited.is_set()):
@@ -619,6 +635,7 @@ class AsyncVM:
         ``match`` filters on the event's data, e.g. ``{"guest": True}``.
         """
         assert self._event_changed is not None
+        _check_timeout(timeout, allow_none=False)
         start = self._mark if since is None else since
         deadline = time.monotonic() + timeout
 
@@ -649,7 +666,12 @@ class AsyncVM:
         of the previous ``expect`` match, like pexpect.
         """
         assert self._console_changed is not None
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        _check_timeout(timeout, allow_none=False)
+        try:
+            rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        except re.error as exc:
+            raise SpecError("pattern", f"{pattern!r} is not a regular expression: {exc}",
+                            fix="escape special characters with re.escape(text)") from exc
         start = getattr(self, "_expect_pos", 0) if since is None else since
         deadline = time.monotonic() + timeout
         async with self._console_changed:
@@ -689,6 +711,7 @@ class AsyncVM:
         """
         if not isinstance(command, str) or not command.strip():
             raise SpecError("command", f"{command!r} is not a shell command", fix='e.g. vm.run("uname -r")')
+        _check_timeout(timeout, allow_none=True)
         agent = self._require_agent(f"run {command!r}")
         if not agent.ready:
             await self.wait_ready()
@@ -696,7 +719,16 @@ class AsyncVM:
             res = await self._race(agent.run(command, timeout=timeout),
                                    (timeout or 1e9) + 15, f"command {command!r}")
         except GuestError as exc:
+            if agent.closed_reason and await self._wait_exit(1.0):    # the channel closed because QEMU died
+                raise VMDied(f"QEMU exited (status {self.exit_code}) while running {command!r}",
+                             exit_code=self.exit_code, fix=_launch_fix(self._stderr_text()),
+                             **self._err_kw()) from exc
             raise GuestError(str(exc.message), **self._err_kw()) from exc
+        except VMTimeout:
+            raise
+        except asyncio.TimeoutError as exc:     # the agent never answered (a hung or stopped guest)
+            raise VMTimeout(f"command {command!r} in the guest (the guest agent did not answer)",
+                            timeout or 0, **self._err_kw()) from exc
         if res.status == -1:
             raise VMTimeout(f"command {command!r} in the guest", timeout or 0, **self._err_kw())
         if check and res.status != 0:
@@ -842,6 +874,18 @@ class AsyncVM:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.shutdown()
+
+
+def _user_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _check_timeout(timeout: Any, *, allow_none: bool) -> None:
+    if timeout is None and allow_none:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e7:
+        raise SpecError("timeout", f"{timeout!r} is not a positive number of seconds",
+                        fix="e.g. timeout=60" + (" (or None for no limit)" if allow_none else ""))
 
 
 def _launch_fix(stderr: str) -> str:

@@ -10,6 +10,8 @@ command line is :mod:`vmlab.qemu`'s job.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ MAX_CPUS = 32
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_SIZE = 1 << 50   # 1 PiB: anything above is a typo, and huge numbers overflow float
 
 
 def parse_size(value: Union[int, str], field_name: str, *, default_unit: str = "M") -> int:
@@ -42,6 +45,8 @@ def parse_size(value: Union[int, str], field_name: str, *, default_unit: str = "
     if isinstance(value, int):
         if value <= 0:
             raise SpecError(field_name, f"{value} must be positive", fix='give a size like 128 (MiB) or "1G"')
+        if value * _UNITS[default_unit] > MAX_SIZE:
+            raise SpecError(field_name, f"{value} is far too large", fix='give a size like 128 (MiB) or "1G"')
         return value * _UNITS[default_unit]
     if not isinstance(value, str):
         raise SpecError(field_name, f"{value!r} is not a size", fix='give a size like 128 (MiB) or "1G"')
@@ -50,6 +55,8 @@ def parse_size(value: Union[int, str], field_name: str, *, default_unit: str = "
         raise SpecError(field_name, f"{value!r} is not a size",
                         fix='give a number with an optional unit K, M, G or T, e.g. "128M" or "1G"')
     num, unit = float(m.group(1)), (m.group(2) or default_unit).upper()
+    if not math.isfinite(num) or num * _UNITS[unit] > MAX_SIZE:
+        raise SpecError(field_name, f"{value!r} is far too large", fix='give a size like 128 (MiB) or "1G"')
     size = int(num * _UNITS[unit])
     if size <= 0:
         raise SpecError(field_name, f"{value!r} must be positive", fix='e.g. "128M"')
@@ -65,6 +72,16 @@ def host_memory_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_bool(field_name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SpecError(field_name, f"{value!r} is not True or False", fix=f"{field_name.split('.')[-1]}=True or False")
+
+
+def _check_text(field_name: str, value: Any, example: str) -> None:
+    if not isinstance(value, str) or re.search(r"[\x00-\x1f\x7f]", value):
+        raise SpecError(field_name, f"{value!r} is not one line of printable text", fix=f"e.g. {example}")
 
 
 def _choice(field_name: str, value: Any, choices: Sequence[str], what: str) -> str:
@@ -96,6 +113,12 @@ class Disk:
     def validated(self, index: int) -> "Disk":
         f = f"disks[{index}]"
         _choice(f + ".bus", self.bus, DISK_BUSES, "disk bus")
+        _check_bool(f + ".readonly", self.readonly)
+        _check_bool(f + ".snapshot", self.snapshot)
+        if self.serial is not None and not (isinstance(self.serial, str)
+                                            and re.fullmatch(r"[A-Za-z0-9_.-]{1,20}", self.serial)):
+            raise SpecError(f + ".serial", f"{self.serial!r} is not a usable disk serial",
+                            fix="letters, digits, '.', '_' or '-', at most 20 characters")
         if self.cache not in ("none", "writeback", "writethrough", "directsync", "unsafe"):
             raise SpecError(f + ".cache", f"unknown cache mode {self.cache!r}",
                             fix="use none, writeback, writethrough, directsync or unsafe")
@@ -107,6 +130,9 @@ class Disk:
             parse_size(self.size, f + ".size")
             fmt = fmt or "raw"
         else:
+            if not isinstance(self.path, (str, os.PathLike)) or "\0" in os.fspath(self.path):
+                raise SpecError(f + ".path", f"{self.path!r} is not a file name",
+                                fix='give the path of an image file, e.g. path="disk.qcow2"')
             p = Path(self.path).expanduser()
             if not p.exists():
                 raise SpecError(f + ".path", f"no such image file: {p}",
@@ -148,9 +174,11 @@ class NIC:
         _choice(f + ".model", self.model, tuple(NIC_MODELS), "NIC model")
         _choice(f + ".backend", self.backend, NIC_BACKENDS, "NIC backend")
         fw = []
-        for k, pair in enumerate(self.forwards):
+        for k, pair in enumerate(_as_tuple(self.forwards, f + ".forwards")):
             try:
-                hp, gp = (int(x) for x in pair)
+                if any(isinstance(x, bool) for x in pair):
+                    raise TypeError
+                hp, gp = (operator.index(x) for x in pair)
             except (TypeError, ValueError):
                 raise SpecError(f"{f}.forwards[{k}]", f"{pair!r} is not a (host_port, guest_port) pair",
                                 fix="e.g. forwards=[(8080, 80)]") from None
@@ -162,6 +190,8 @@ class NIC:
         if fw and self.backend != "user":
             raise SpecError(f + ".forwards", "port forwards need backend='user'",
                             fix="use backend='user', or drop forwards")
+        if self.mac is not None and not isinstance(self.mac, str):
+            raise SpecError(f + ".mac", f"{self.mac!r} is not a MAC address", fix='e.g. "52:54:00:12:34:56"')
         if self.mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", self.mac):
             raise SpecError(f + ".mac", f"{self.mac!r} is not a MAC address", fix='e.g. "52:54:00:12:34:56"')
         return dataclasses.replace(self, forwards=tuple(fw))
@@ -207,6 +237,12 @@ class MachineSpec:
         _choice("accel", self.accel, ACCELS, "accelerator")
         _choice("machine", self.machine, MACHINES, "machine type")
         _choice("console", self.console, CONSOLES, "console kind")
+        _check_bool("balloon", self.balloon)
+        _check_bool("reboot", self.reboot)
+        if self.cpu_model is not None and not (isinstance(self.cpu_model, str)
+                                               and re.fullmatch(r"[A-Za-z0-9_.,+=-]+", self.cpu_model)):
+            raise SpecError("cpu_model", f"{self.cpu_model!r} is not a QEMU CPU model",
+                            fix='e.g. cpu_model="qemu64" (see qemu-system-x86_64 -cpu help)')
         if isinstance(self.cpus, bool) or not isinstance(self.cpus, int):
             raise SpecError("cpus", f"{self.cpus!r} is not a whole number", fix="e.g. cpus=1")
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -237,12 +273,10 @@ class MachineSpec:
                 raise SpecError("trace", f"{t!r} is not a trace event pattern", fix='e.g. trace=["ide_*"]')
         extra = _as_tuple(self.extra_args, "extra_args")
         for a in extra:
-            if not isinstance(a, str):
+            if not isinstance(a, str) or "\0" in a:
                 raise SpecError("extra_args", f"{a!r} is not a string", fix='e.g. extra_args=["-device", "..."]')
         _check_extra_args(extra)
-        if not isinstance(self.kernel_args, str) or "\n" in self.kernel_args:
-            raise SpecError("kernel_args", f"{self.kernel_args!r} is not one line of text",
-                            fix='e.g. kernel_args="libata.dma=0"')
+        _check_text("kernel_args", self.kernel_args, 'kernel_args="libata.dma=0"')
         return dataclasses.replace(self, memory=mem >> 20, disks=disks, nics=nics, modules=modules,
                                    trace=trace, extra_args=extra)
 
@@ -278,14 +312,28 @@ _FORBIDDEN = {
     "-initrd": "the initramfs comes from the guest image",
     "-sandbox": "vmlab always runs QEMU with -sandbox on",
     "-incoming": "use warm=True for save/restore",
+    "-s": "-s opens a GDB server on TCP port 1234 for anyone on the host; vmlab keeps QEMU off TCP",
+    "-gdb": "a GDB server would listen on TCP or a reachable path; vmlab keeps QEMU off TCP",
+    "-nic": "add network cards with nics=[vmlab.NIC(...)]: vmlab keeps user networking restricted",
+    "-net": "add network cards with nics=[vmlab.NIC(...)]: vmlab keeps user networking restricted",
+    "-netdev": "add network cards with nics=[vmlab.NIC(...)]: vmlab keeps user networking restricted",
 }
+# chardev/serial back-ends that reach the network: tcp:, telnet:, udp:, websocket, or a socket with host/port
+_NET_CHARDEV = re.compile(r"(?:^|[,=])(?:tcp|telnet|udp|websocket)(?::|,|$)|(?:^|,)(?:host|port|to|websocket)=",
+                          re.I)
+_CHARDEV_OPTS = ("-chardev", "-serial", "-parallel", "-debugcon", "-virtioconsole", "-mon")
 
 
 def _check_extra_args(args: Sequence[str]) -> None:
-    for a in args:
+    for i, a in enumerate(args):
         key = a.split("=", 1)[0]
+        if key.startswith("--"):
+            key = key[1:]
         if key in _FORBIDDEN:
             raise SpecError("extra_args", f"{a!r} is not allowed", fix=_FORBIDDEN[key])
+        if i and args[i - 1].lstrip("-") in {o.lstrip("-") for o in _CHARDEV_OPTS} and _NET_CHARDEV.search(a):
+            raise SpecError("extra_args", f"{args[i - 1]} {a!r} would open a network socket",
+                            fix="vmlab keeps QMP, consoles and chardevs off TCP; use files or the VM's sockets")
         if re.search(r"\btcp:|host=0\.0\.0\.0|,server(=on)?\b.*\b(host|port)=", a):
             raise SpecError("extra_args", f"{a!r} would open a TCP listener",
                             fix="vmlab keeps QMP, consoles and chardevs off TCP; use files or the VM's sockets")

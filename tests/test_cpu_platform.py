@@ -34,7 +34,8 @@ def test_options_are_checked_before_anything_runs():
 
 def test_missing_gcc_is_a_setup_error_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    import vmlab.hostview as hostview
+    monkeypatch.setattr(hostview.shutil, "which", lambda name: None)
     with pytest.raises(SetupError) as e:
         cpu.native_vmbench()
     assert "gcc" in str(e.value) and "apt-get install gcc" in (e.value.fix or "")

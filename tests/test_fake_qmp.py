@@ -80,8 +80,6 @@ def test_guest_never_saying_hello_is_a_boot_timeout(fake, image):
     _no_leftovers(vm)
 
 
-@pytest.mark.xfail(strict=True, reason="vmlab/machine.py reads exc.error.desc, which qemu.qmp's ExecuteError "
-                                       "does not have: AttributeError (diff in the reliability report)")
 def test_qmp_error_reply_is_a_vm_error_quoting_qemu(fake, image):
     fake("qmp-forever")
     vm = VM(accel="tcg", image=image, name="fake")

@@ -345,8 +345,6 @@ def test_guest_whose_init_dies_is_a_clear_error_with_the_panic(image):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="vmlab/machine.py: the panic reason is above the 25-line console tail, "
-                                       "and the message does not quote it (diff in the reliability report)")
 def test_kernel_panic_error_quotes_the_panic_reason(image):
     vm = VM(accel="tcg", image=image, name="neverready", kernel_args="rdinit=/bin/false", boot_timeout=60)
     with pytest.raises(VMError) as ei:
@@ -368,8 +366,6 @@ def test_vm_paused_behind_the_librarys_back_is_a_clear_state_error(image):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="vmlab/machine.py lets the agent's asyncio.TimeoutError through: a bare "
-                                       "TimeoutError with an empty message (diff in the reliability report)")
 def test_guest_that_stops_answering_is_a_timeout_naming_the_phase(image):
     with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         os.kill(vm.pid, signal.SIGSTOP)          # QEMU frozen: nobody answers, no event says so
@@ -479,8 +475,6 @@ def test_full_disk_when_saving_a_warm_snapshot_is_a_clear_error(image, tiny_tmpf
     assert [p.name for p in (tiny_tmpfs / "cache" / "warm").iterdir()] == []   # no half-written file
 
 
-@pytest.mark.xfail(strict=True, reason="vmlab/image.py lets ENOSPC during the build through as a bare OSError "
-                                       "(diff in the reliability report)")
 def test_full_disk_while_building_the_image_is_an_image_error(image, tiny_tmpfs, monkeypatch):
     from vmlab import image as vi
     monkeypatch.setenv("VMLAB_CACHE", str(tiny_tmpfs / "cache"))

@@ -168,9 +168,6 @@ def test_private_dir_is_0700(vm):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="vmlab/machine.py creates console.log and qemu.stderr with the "
-                                       "umask (0644); the dir is 0700, but the files should be 0600 too "
-                                       "(diff in the reliability report)")
 def test_files_in_private_dir_are_user_only(vm):
     files = [p for p in vm.private_dir.iterdir() if p.is_file()]
     assert files

@@ -307,10 +307,9 @@ def test_qemu_killed_mid_experiment_keeps_the_rows(image, tmp_path, monkeypatch)
     exc = ei.value
     assert len(exc.rows) == 4 and list(exc.rows["i"]) == [0, 1, 2, 3]
     assert "faultdemo experiment failed after 4 rows" in exc.message
-    # The cause: QEMU's exit is seen either on its pidfd (VMDied, "QEMU exited") or first as the agent
-    # channel closing (a race: GuestError "agent channel closed"); the diff in the report makes it
-    # always VMDied.
-    assert "QEMU exited" in exc.message or "agent channel closed" in exc.message, exc.message
+    # The cause: QEMU's exit may be noticed first as the agent channel closing; run() then waits for
+    # the exit and reports VMDied ("QEMU exited") either way.
+    assert "QEMU exited" in exc.message, exc.message
     assert isinstance(exc.__cause__, VMError)
     saved = list((tmp_path / "measured").glob("faultdemo-partial-*.csv"))
     assert len(saved) == 1 and len(measure.load(saved[0])) == 4
@@ -419,22 +418,20 @@ def test_truncated_cached_image_is_detected_and_rebuilt(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_truncated_warm_snapshot_falls_back_to_a_cold_boot_and_is_rewritten(image):
-    name = "faultwarm"
-    with VM(accel="tcg", image=image, name=name, warm=True) as vm:
+    name, memory = "faultwarm", 160     # a spec of its own, so its snapshot is not the other tests'
+    with VM(accel="tcg", image=image, name=name, memory=memory, warm=True) as vm:
         vm.run("true")
-    from vmlab.image import cache_dir
-    states = list((cache_dir() / "warm").glob(f"{name}-*.state"))
-    assert len(states) == 1
-    state = states[0]
+        state = vm.warm_snapshot
+    assert state.exists()
     full = state.stat().st_size
     with open(state, "r+b") as f:
         f.truncate(full // 3)
-    with VM(accel="tcg", image=image, name=name, warm=True) as vm:
+    with VM(accel="tcg", image=image, name=name, memory=memory, warm=True) as vm:
         assert not vm.warm_restored
         assert "warm snapshot unusable" in vm.accel_reason, vm.accel_reason
         assert vm.run("echo cold").stdout.strip() == "cold"
     assert state.exists() and state.stat().st_size > full // 3
-    with VM(accel="tcg", image=image, name=name, warm=True) as vm:
+    with VM(accel="tcg", image=image, name=name, memory=memory, warm=True) as vm:
         assert vm.warm_restored
         assert vm.run("echo warm").stdout.strip() == "warm"
 
@@ -464,13 +461,12 @@ def tiny_tmpfs(tmp_path):
 
 
 @pytest.mark.integration
-def test_full_disk_when_saving_a_warm_snapshot_is_a_clear_error(image, tiny_tmpfs, monkeypatch):
+def test_full_disk_when_saving_a_warm_snapshot_is_said_and_the_vm_still_runs(image, tiny_tmpfs, monkeypatch):
     monkeypatch.setenv("VMLAB_CACHE", str(tiny_tmpfs / "cache"))
-    vm = VM(accel="tcg", image=image, name="fulldisk", warm=True)
-    with pytest.raises(VMError) as ei:
-        vm.start()
-    assert "No space left on device" in str(ei.value)
-    assert "warm snapshot" in ei.value.message
+    with VM(accel="tcg", image=image, name="fulldisk", warm=True) as vm:
+        assert "warm snapshot not saved" in vm.accel_reason and "No space left on device" in vm.accel_reason
+        assert any(e["event"] == "WARM_SKIPPED" for e in vm.events)
+        assert vm.run("echo still-here").stdout == "still-here\n"     # the snapshot was only an optimisation
     assert qemu_children() == [] and private_dirs("fulldisk") == []
     assert [p.name for p in (tiny_tmpfs / "cache" / "warm").iterdir()] == []   # no half-written file
 

@@ -56,6 +56,7 @@ class RunState(enum.Enum):
 
 
 CONSOLE_KEEP = 4 << 20
+WARM_KEEP = 6          # warm snapshots kept in cache_dir()/warm (least recently used go first)
 
 
 def _private_root() -> Path:
@@ -109,6 +110,7 @@ class AsyncVM:
         self.events: List[Dict[str, Any]] = []
         self.boot_seconds: Optional[float] = None
         self.warm_restored = False
+        self.warm_snapshot: Optional[Path] = None   # the snapshot file a warm VM restores from / saves to
         self.nic_sockets: List[Optional[socket.socket]] = []
         self._proc: Optional[subprocess.Popen] = None
         self._qmp: Optional[QMPClient] = None
@@ -221,8 +223,10 @@ class AsyncVM:
                 self.accel, self.accel_reason = await resolve_accel(self.spec.accel)
             image = self._image or await asyncio.get_running_loop().run_in_executor(None, ensure_image)
             self._image = image
-            snapshot = self._warm_path(image) if self.warm else None
+            snapshot = self.warm_snapshot = self._warm_path(image) if self.warm else None
             if snapshot is not None and snapshot.exists():
+                with contextlib.suppress(OSError):
+                    os.utime(snapshot)          # most recently used: pruned last
                 try:
                     await self._launch(image, paused=paused, incoming=snapshot)
                     await self._finish_restore(paused)
@@ -238,7 +242,15 @@ class AsyncVM:
             if not paused and wait:
                 await self.wait_ready()
                 if snapshot is not None:
-                    await self._save_warm(snapshot)
+                    try:
+                        await self._save_warm(snapshot)
+                        self._prune_warm(snapshot)
+                    except VMError as exc:
+                        if self.state is not RunState.RUNNING:
+                            raise
+                        # the snapshot is an optimisation: the booted guest is fine without it
+                        self.accel_reason += f" (warm snapshot not saved: {exc.message})"
+                        self._record_event("WARM_SKIPPED", {"reason": exc.message}, source="vmlab")
         except BaseException:
             await self._teardown(force=True)
             if self.state is not RunState.OFF:
@@ -478,10 +490,20 @@ class AsyncVM:
         argv = build_launch(self.spec, accel=self.accel or "tcg", kernel=image.kernel, initrd=image.initrd,
                             qmp_fd=3, agent_fd=4, console_fd=5, private_dir=Path("/"), disk_paths=[],
                             nic_fds=[None] * len(self.spec.nics), trace_file=Path("/trace")).argv
-        key = hashlib.sha256(json.dumps([argv, image.key, qemu_version(), 2]).encode()).hexdigest()[:20]
+        # the VM's name does not change the guest's state: VMs of any name share a snapshot
+        i = argv.index("-name")
+        argv = argv[:i] + argv[i + 2:]
+        key = hashlib.sha256(json.dumps([argv, image.key, qemu_version(), 3]).encode()).hexdigest()[:20]
         d = cache_dir() / "warm"
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return d / f"{self.spec.name}-{key}.state"
+        return d / f"{key}.state"
+
+    @staticmethod
+    def _prune_warm(keep: Path, most: int = WARM_KEEP) -> None:
+        """Keep the *most* recently used snapshots (about 80 MB each); delete the rest."""
+        snaps = sorted(keep.parent.glob("*.state"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [p for p in snaps if p != keep][max(0, most - 1):]:
+            old.unlink(missing_ok=True)
 
     async def _save_warm(self, path: Path) -> None:
         """Save this booted guest (stop, migrate to a file, continue) for next time."""

@@ -65,7 +65,7 @@ doctor: setup
 	$(PY) -m vmlab doctor
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/
 
 test: setup system-test
 	$(PY) -m pytest $(PYTEST_ARGS)

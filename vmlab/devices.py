@@ -26,11 +26,12 @@ region names with ``trace=("memory_region_ops_*",)`` and a look at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import GuestError, SpecError, VMError
 from .spec import NIC, Disk, MachineSpec
@@ -525,6 +526,26 @@ def boot(profile: DeviceProfile, *, accel: str = "tcg", image: Any = None, **spe
 def where(vm: Any) -> Dict[str, str]:
     from .hostinfo import where as _where
     return _where(vm.accel, vm.kernel_release)
+
+
+@contextlib.contextmanager
+def booted(profile: DeviceProfile, rows: Any = None, progress: Any = None, *, accel: str = "tcg",
+           image: Any = None, **spec_kw: Any) -> Iterator[Any]:
+    """A VM carrying ``profile``, started, with ``rows`` stamped with where it runs; shut down on exit.
+
+        for prof in profiles:
+            with booted(prof, rows, progress, accel=accel) as vm:
+                ...
+    """
+    from .measure import say
+    say(progress, f"{profile.contrast}: booting a VM with {profile.title}")
+    vm = boot(profile, accel=accel, image=image, **spec_kw)
+    try:
+        if rows is not None:
+            rows.where = where(vm)
+        yield vm
+    finally:
+        vm.shutdown()
 
 
 def common_row(profile: DeviceProfile, m: Measurement, *, bytes_moved: int, counted_bytes: int,

@@ -56,6 +56,7 @@ __all__ = [
 BUILDER_VERSION = "vmlab-image-1"
 
 DEFAULT_GUEST_DIR = Path(__file__).resolve().parent / "guest"
+KEEP_IMAGES = 3        # images kept in the cache; a VM already running keeps its open files
 GUEST_SOURCES = ("init", "modules.txt", "vmagent.c", "vmbench.c")
 KERNEL_META_PACKAGE = "linux-image-amd64"
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -1169,9 +1170,18 @@ def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path]) ->
                 os.replace(out, final)
         finally:
             _rmtree(tmp)
+        _prune_images(images, keep=final)
     _say(progress, f"image ready: {final} (kernel {manifest['kernel_version']}, "
                    f"{manifest['build_seconds']:.1f} s)")
     return _image_from(final, manifest)
+
+
+def _prune_images(images: Path, keep: Path, most: int = KEEP_IMAGES) -> None:
+    """Keep the *most* newest images (about 76 MB each); older ones are from other inputs."""
+    built = sorted((d for d in images.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in [d for d in built if d != keep][max(0, most - 1):]:
+        _rmtree(old)
 
 
 def _build(tmp: Path, kernel: _Kernel, busybox: Path, gdir: Path, inputs: dict, key: str,

@@ -38,16 +38,10 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     min_s = float(min_seconds if min_seconds is not None else (0.0 if quick else 0.3))
     if repeats < 1:
         raise SpecError("repeats", f"{repeats} is not a positive number", fix="e.g. repeats=5")
-    if image is None:
-        from ..image import ensure_image
-        image = ensure_image()
     rows = Rows("console")
     with rows.guard():
         for prof in profs:
-            say(progress, f"console: booting a VM with {prof.title}")
-            vm = dv.boot(prof, accel=accel, image=image)
-            try:
-                rows.where = dv.where(vm)
+            with dv.booted(prof, rows, progress, accel=accel, image=image) as vm:
                 probe = dv.Probe(vm, prof)
                 probe.calibrate(command(prof, 1024, 16 << 10))
                 for total in totals:
@@ -73,8 +67,6 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                     say(progress, f"console: {prof.name} {total} bytes: "
                                   f"{rows.rows[-1]['throughput_mb_s']:.2f} MB/s, "
                                   f"{counted.interventions} interventions")
-            finally:
-                vm.shutdown()
     return rows.frame()
 
 

@@ -93,17 +93,11 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     for (_, _, b) in wl:
         if b > total_b:
             raise SpecError("bs", f"block size {b} is larger than total {total_b}", fix="raise total= or lower bs=")
-    if image is None:
-        from ..image import ensure_image
-        image = ensure_image()
 
     rows = Rows("disk")
     with rows.guard():
         for prof in profs:
-            say(progress, f"disk: booting a VM with {prof.title}")
-            vm = dv.boot(prof, accel=accel, image=image, disk_size=disk_size)
-            try:
-                rows.where = dv.where(vm)
+            with dv.booted(prof, rows, progress, accel=accel, image=image, disk_size=disk_size) as vm:
                 probe = dv.Probe(vm, prof)
                 probe.calibrate(command(prof, "read", "seq", 65536, 256 << 10))
                 for (mode, pattern, b) in wl:
@@ -129,8 +123,6 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                     say(progress, f"disk: {prof.name} {mode} {pattern} bs={b}: "
                                   f"{rows.rows[-1]['throughput_mb_s']:.1f} MB/s, "
                                   f"{counted.interventions} interventions")
-            finally:
-                vm.shutdown()
     return rows.frame()
 
 

@@ -129,16 +129,10 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     repeats = int(repeats or (1 if quick else 5))
     if count < 1 or rr_count < 1 or repeats < 1:
         raise SpecError("count", "count, rr_count and repeats must be positive", fix="e.g. count=2000")
-    if image is None:
-        from ..image import ensure_image
-        image = ensure_image()
     rows = Rows("net")
     with rows.guard():
         for prof in profs:
-            say(progress, f"net: booting a VM with {prof.title}")
-            vm = dv.boot(prof, accel=accel, image=image)
-            try:
-                rows.where = dv.where(vm)
+            with dv.booted(prof, rows, progress, accel=accel, image=image) as vm:
                 mac = vm.spec.nics[0].mac or "52:54:00:12:34:56"
                 vm.run(guest_setup(prof.guest_path))
                 with NetSink(vm.nic_sockets[0], guest_mac=mac, sink_port=SINK_PORT, rr_port=RR_PORT) as sink:
@@ -169,8 +163,6 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                             say(progress, f"net: {prof.name} {d} {size} B: "
                                           f"{(last['throughput_mb_s'] or 0):.2f} MB/s, "
                                           f"{(last['pps'] or 0):.0f} pkt/s, {cm.interventions} interventions")
-            finally:
-                vm.shutdown()
     df = rows.frame()
     return df
 

@@ -337,16 +337,24 @@ static void reap(void)
     }
 }
 
+/* Copy a request's path into p (NUL-terminated); answer ERR and return 0 if it is unusable. */
+static int take_path(long id, const char *path, size_t plen, char *p, size_t size)
+{
+    if (plen == 0 || plen >= size || memchr(path, 0, plen)) {
+        send_err(id, EINVAL, "bad path");
+        return 0;
+    }
+    memcpy(p, path, plen);
+    p[plen] = 0;
+    return 1;
+}
+
 static void do_put(long id, long mode, const char *path, size_t plen, const char *data, size_t dlen)
 {
     char p[4096], tmp[4200];
     int fd;
-    if (plen == 0 || plen >= sizeof p) {
-        send_err(id, EINVAL, "bad path");
+    if (!take_path(id, path, plen, p, sizeof p))
         return;
-    }
-    memcpy(p, path, plen);
-    p[plen] = 0;
     snprintf(tmp, sizeof tmp, "%s.vmlab-tmp", p);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode ? (mode_t)mode : 0644);
     if (fd < 0) {
@@ -380,12 +388,8 @@ static void do_get(long id, const char *path, size_t plen)
     char chunk[65536];
     ssize_t r;
     int fd;
-    if (plen == 0 || plen >= sizeof p) {
-        send_err(id, EINVAL, "bad path");
+    if (!take_path(id, path, plen, p, sizeof p))
         return;
-    }
-    memcpy(p, path, plen);
-    p[plen] = 0;
     fd = open(p, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         send_err(id, errno, p);

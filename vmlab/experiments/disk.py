@@ -149,5 +149,5 @@ def plot(df, ax=None, *, metric: str = "throughput_mb_s"):
              "lat_us_median": "median latency per operation (µs)"}.get(metric, metric)
     style(ax, title=f"Disks: {label}", xlabel="workload (mode, pattern, block size)", ylabel=label,
           log="y", source=where_label(df))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside, not over the bars
     return ax

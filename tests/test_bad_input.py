@@ -9,7 +9,6 @@ accepts turns into a QEMU command line of plain strings.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlab import VM, ExperimentError, ImageError, VMDied, VMError, VMTimeout, reaper
+from vmlab import VM, ExperimentError, ImageError, VMError, VMTimeout, reaper
 from vmlab.measure import Rows
 
 from conftest import qemu_children

@@ -118,28 +118,40 @@ def cpu_by_thread(vm: Any, command: str, timeout: float = 120) -> Any:
 
 
 # --------------------------------------------------------------------------- memory
-def rss_bytes(pid: int) -> int:
-    """Resident set size (VmRSS) of a process, in bytes (0 if it is gone)."""
+def _field_kb(path: str, field: str) -> int:
+    """The ``Field:  N kB`` value of a /proc status-like file, in kB (0 if absent or gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A field of /proc/PID/status in kB (VmRSS, VmHWM, ...); 0 if the process is gone."""
+    return _field_kb(f"/proc/{pid}/status", field)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size (VmRSS) of a process, in bytes (0 if it is gone)."""
+    return status_kb(pid, "VmRSS") * 1024
 
 
 def pss_bytes(pid: int) -> int:
     """Proportional set size: resident memory with shared pages split among their users."""
+    return _field_kb(f"/proc/{pid}/smaps_rollup", "Pss") * 1024
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of process *pid* so far, all threads (0.0 if it is gone)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        f = _stat_fields(f"/proc/{pid}/stat")
+        return (int(f[11]) + int(f[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 _MAP_RX = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from .hostview import status_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build" / "lessons"
@@ -322,17 +324,6 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 class QemuPoller(threading.Thread):
     """Polls the process tree under *pid* for QEMU processes: peak RSS of one, peak sum, count."""
 
@@ -357,8 +348,8 @@ class QemuPoller(threading.Thread):
         for p in tree:
             if _comm(p).startswith("qemu"):
                 self.seen.add(p)
-                hwm = _status_kb(p, "VmHWM")   # the kernel's own peak for this process
-                total += _status_kb(p, "VmRSS")
+                hwm = status_kb(p, "VmHWM")   # the kernel's own peak for this process
+                total += status_kb(p, "VmRSS")
                 self.peak_one_kb = max(self.peak_one_kb, hwm)
         self.peak_total_kb = max(self.peak_total_kb, total)
 

@@ -789,14 +789,8 @@ class AsyncVM:
     # ------------------------------------------------------------- measuring
     def qemu_cpu_seconds(self) -> float:
         """User+system CPU seconds QEMU has used so far (all its threads)."""
-        if not self.pid:
-            return 0.0
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        from .hostview import process_cpu_seconds
+        return process_cpu_seconds(self.pid) if self.pid else 0.0
 
     def qemu_rss_bytes(self) -> int:
         """Resident memory of the QEMU process now."""

@@ -381,26 +381,8 @@ class Probe:
 
     def set_tracing(self, on: bool) -> None:
         """Switch the profile's trace events on or off (QMP trace-event-set-state)."""
-        if not self.vm.spec.trace:
-            return
-        for pattern in self.vm.spec.trace:
-            self.vm.qmp("trace-event-set-state", name=pattern, enable=bool(on))
+        self.vm.set_tracing(on)
         self.tracing = on
-
-    def _trace_size(self) -> int:
-        p = self.vm.trace_log
-        try:
-            return p.stat().st_size if p else 0
-        except OSError:
-            return 0
-
-    def _trace_since(self, offset: int) -> bytes:
-        p = self.vm.trace_log
-        if not p or not p.exists():
-            return b""
-        with open(p, "rb") as f:
-            f.seek(offset)
-            return f.read()
 
     def calibrate(self, command: str, timeout: float = 120) -> List[str]:
         """Run a warm-up command with tracing on and keep the virtio device that was kicked most."""
@@ -408,11 +390,11 @@ class Probe:
             self.vm.run(command, timeout=timeout)
             return []
         self.set_tracing(True)
-        off = self._trace_size()
+        off = self.vm.trace_mark()
         self.vm.run(command, timeout=timeout)
         time.sleep(0.05)
         counts: Dict[str, int] = {}
-        for m in _VDEV.finditer(self._trace_since(off)):
+        for m in _VDEV.finditer(self.vm.trace_since(off)):
             k = m.group(1).decode()
             counts[k] = counts.get(k, 0) + 1
         if not counts:
@@ -426,7 +408,7 @@ class Probe:
         self.set_tracing(count)
         wrapped = (f"head -1 /proc/stat; cat /proc/interrupts; echo {_SPLIT}; {command}; echo {_SPLIT}; "
                    "head -1 /proc/stat; cat /proc/interrupts")
-        off = self._trace_size()
+        off = self.vm.trace_mark()
         kvm0, why = kvm_exit_stats(self.vm)
         cpu0 = self.vm.qemu_cpu_seconds()
         t0 = time.monotonic()
@@ -442,7 +424,7 @@ class Probe:
                         guest_busy_s=_busy(parts[2]) - _busy(parts[0]))
         if count:
             time.sleep(0.02)
-            data = self._trace_since(off)
+            data = self.vm.trace_since(off)
             m.traps = count_traps(data, self.profile, self.vdevs)
             m.irqs = irq_delta(parse_interrupts(parts[0]), parse_interrupts(parts[2]), self.agent_virtio)
             m.trace_bytes = len(data)

@@ -797,22 +797,41 @@ class AsyncVM:
         from .hostview import rss_bytes
         return rss_bytes(self.pid) if self.pid else 0
 
-    def trace_counts(self, reset: bool = False) -> Dict[str, int]:
-        """Count trace events logged so far (``spec.trace`` patterns), by event name."""
-        counts: Dict[str, int] = {}
+    def trace_mark(self) -> int:
+        """A position in the trace log (``spec.trace`` events); pass it to :meth:`trace_since`."""
+        try:
+            return self.trace_log.stat().st_size if self.trace_log else 0
+        except OSError:
+            return 0
+
+    def trace_since(self, mark: int = 0) -> bytes:
+        """The trace log lines written after *mark*."""
         path = self.trace_log
         if not path or not path.exists():
-            return counts
-        offset = getattr(self, "_trace_offset", 0)
+            return b""
         with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
+            f.seek(mark)
+            return f.read()
+
+    def trace_counts(self, reset: bool = False) -> Dict[str, int]:
+        """Count trace events logged so far (``spec.trace`` patterns), by event name.
+
+        With ``reset=True`` the next call counts only what comes after this one.
+        """
+        offset = getattr(self, "_trace_offset", 0)
+        data = self.trace_since(offset)
+        counts: Dict[str, int] = {}
         for m in re.finditer(rb"^(?:\d+@[\d.]+:)?([a-z0-9_]+) ", data, re.M):
             name = m.group(1).decode()
             counts[name] = counts.get(name, 0) + 1
         if reset:
             self._trace_offset = offset + len(data)
         return counts
+
+    async def set_tracing(self, on: bool) -> None:
+        """Switch the ``spec.trace`` events on or off while the VM runs (tracing slows QEMU)."""
+        for pattern in self.spec.trace:
+            await self.qmp("trace-event-set-state", name=pattern, enable=bool(on))
 
     # ------------------------------------------------------------- shutdown
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -956,7 +975,7 @@ class VM:
 
     for _name in ("wait_ready", "qmp", "hmp", "status", "pause", "resume", "powerdown", "reset",
                   "quit", "kill", "wait_exit", "wait_event", "expect", "run", "write_file", "read_file",
-                  "copy_in", "copy_out", "ping", "shutdown"):
+                  "copy_in", "copy_out", "ping", "set_tracing", "shutdown"):
         locals()[_name] = _sync(_name, getattr(AsyncVM, _name))
     del _name
     close = shutdown  # type: ignore[name-defined]  # noqa: F821

@@ -83,29 +83,24 @@ def set_clocksource(vm: Any, name: str) -> bool:
 
 
 def quiet_trace(vm: Any, on: bool = False) -> None:
-    """Switch the clock trace event on or off at run time (QMP trace-event-set-state)."""
-    for ev in CLOCK_TRACE:
-        vm.qmp("trace-event-set-state", name=ev, enable=on)
+    """Switch the clock trace event (the VM's ``trace=CLOCK_TRACE``) on or off at run time."""
+    vm.set_tracing(on)
 
 
 def count_device_reads(vm: Any, command: str, timeout: float = 120) -> Tuple[Dict[str, int], Any]:
     """Run ``command`` in the guest with the read trace on; count reads by device region."""
-    log = vm.trace_log
-    if not vm.spec.trace or not log:
+    if not vm.spec.trace:
         raise SpecError("trace", "counting device reads needs the VM started with trace=CLOCK_TRACE",
                         fix="VM(..., trace=vmlab.platform.CLOCK_TRACE)")
-    off = log.stat().st_size if log.exists() else 0
+    off = vm.trace_mark()
     quiet_trace(vm, True)
     try:
         res = vm.run(command, timeout=timeout)
     finally:
         quiet_trace(vm, False)
     time.sleep(0.05)
-    with open(log, "rb") as f:
-        f.seek(off)
-        data = f.read()
     counts: Dict[str, int] = {}
-    for m in _TRACE_LINE.finditer(data):
+    for m in _TRACE_LINE.finditer(vm.trace_since(off)):
         n = m.group(1).decode(errors="replace")
         counts[n] = counts.get(n, 0) + 1
     return counts, res

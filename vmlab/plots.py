@@ -19,6 +19,41 @@ def color_for(key: str, index: int = 0) -> str:
     return KIND_COLORS.get(key, OKABE_ITO[index % len(OKABE_ITO)])
 
 
+HATCHES = ["", "//", "..", "xx", "\\\\", "++"]
+
+
+def grouped_bars(ax: Any, table: Any, *, colors: Any, hatches: bool = False, labels: Any = None,
+                 yerr: Any = None, rotation: int = 0) -> Any:
+    """One group of bars per row of *table* (a DataFrame: index = x positions, columns = series).
+
+    ``colors`` maps a series to its colour (a dict or a function); ``labels`` to its legend text;
+    ``hatches`` tells series of the same colour apart; ``yerr`` maps a series to a (2, n) error array.
+    """
+    import numpy as np
+    x = np.arange(len(table.index))
+    series = list(table.columns)
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        color = colors(name) if callable(colors) else colors.get(name)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, table[name].to_numpy(dtype=float), width,
+               color=color, edgecolor="white" if hatches else None,
+               hatch=HATCHES[i % len(HATCHES)] if hatches else None,
+               label=labels(name) if callable(labels) else (labels or {}).get(name, name),
+               yerr=None if yerr is None else yerr.get(name), capsize=2 if yerr is not None else 0)
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(table.index), rotation=rotation, ha="right" if rotation else "center")
+    return x
+
+
+def source_note(ax: Any, text: str) -> None:
+    """Where it was measured, in small print at the top right, between the axes and the title
+    (so it never collides with tick labels, however many lines they take)."""
+    if ax.get_title():
+        ax.set_title(ax.get_title(), pad=14)
+    ax.annotate(text, xy=(1.0, 1.0), xycoords="axes fraction", xytext=(0, 3), textcoords="offset points",
+                ha="right", va="bottom", fontsize=7, color="#555555")
+
+
 def style(ax: Any, *, title: str = "", xlabel: str = "", ylabel: str = "", log: Optional[str] = None,
           source: str = "") -> Any:
     """Label an axis the lesson way; ``log`` is "x", "y" or "xy"; ``source`` notes where it ran."""
@@ -36,8 +71,7 @@ def style(ax: Any, *, title: str = "", xlabel: str = "", ylabel: str = "", log: 
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     if source:
-        ax.annotate(source, xy=(1.0, -0.18), xycoords="axes fraction", ha="right", va="top",
-                    fontsize=7, color="#555555")
+        source_note(ax, source)
     return ax
 
 

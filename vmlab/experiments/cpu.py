@@ -311,8 +311,9 @@ def source_label(df: Any) -> str:
     return "; ".join(parts)
 
 
-def _source(ax: Any, text: str, y: float = -0.34) -> None:
-    ax.annotate(text, xy=(1.0, y), xycoords="axes fraction", ha="right", va="top", fontsize=7, color="#555555")
+def _source(ax: Any, text: str) -> None:
+    from ..plots import source_note
+    source_note(ax, text)
 
 
 def paper_ratios(df: Any, reference: Optional[Any] = None) -> Any:
@@ -364,7 +365,7 @@ def plot_paper(df: Any, reference: Optional[Any] = None, ax: Any = None) -> Any:
     ax.set_ylim(0.5, max(2.0, float(np.nanmax(t[cols].to_numpy(dtype=float))) * 1.6))
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.legend(fontsize=8)
-    _source(ax, "measured: " + source_label(df), y=-0.2)
+    _source(ax, "measured: " + source_label(df))
     ax.annotate("published: Adams & Agesen, ASPLOS 2006, read in a secondary text (data/reference)",
                 xy=(1.0, -0.26), xycoords="axes fraction", ha="right", va="top", fontsize=7, color="#555555")
     return ax
@@ -374,7 +375,7 @@ def plot_ns(df: Any, ax: Any = None) -> Any:
     """Grouped bars: ns per operation for each benchmark and platform (log scale)."""
     import matplotlib.pyplot as plt
     import numpy as np
-    from ..plots import color_for, style
+    from ..plots import color_for, grouped_bars, style
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 4.2))
     t = df.pivot_table(index="benchmark", columns="platform", values="ns_per_op", aggfunc="median")
@@ -382,18 +383,15 @@ def plot_ns(df: Any, ax: Any = None) -> Any:
     hi = df.pivot_table(index="benchmark", columns="platform", values="ns_max", aggfunc="median")
     order = [b for b in BENCHMARKS if b in t.index]
     plats = [p for p in ("native", "tcg", "kvm") if p in t.columns]
-    x = np.arange(len(order))
+    table = t.loc[order, plats]
+    err = {p: np.vstack([table[p].to_numpy(dtype=float) - lo.loc[order, p].to_numpy(dtype=float),
+                         hi.loc[order, p].to_numpy(dtype=float) - table[p].to_numpy(dtype=float)]) for p in plats}
+    x = grouped_bars(ax, table, colors=color_for, yerr=err, rotation=30)
     w = 0.8 / max(1, len(plats))
-    for i, p in enumerate(plats):
-        y = t.loc[order, p].to_numpy(dtype=float)
-        err = np.vstack([y - lo.loc[order, p].to_numpy(dtype=float), hi.loc[order, p].to_numpy(dtype=float) - y])
-        ax.bar(x + (i - (len(plats) - 1) / 2) * w, y, w, label=p, color=color_for(p), yerr=err, capsize=2)
     for j, b in enumerate(order):
         if "native" in t.columns and not np.isfinite(t.loc[b, "native"]):
             ax.annotate("native\nskipped", (x[j] - w * (len(plats) - 1) / 2, 1), fontsize=6, ha="center",
                         xycoords=("data", "axes fraction"), va="top")
-    ax.set_xticks(x)
-    ax.set_xticklabels(order, rotation=30, ha="right")
     ax.legend(title="platform")
     style(ax, title="Nanobenchmarks: cost per operation (median; bars = min..max over repeats)",
           ylabel="ns per operation (log)", log="y")
@@ -404,23 +402,16 @@ def plot_ns(df: Any, ax: Any = None) -> Any:
 def plot_ratios(df: Any, ax: Any = None) -> Any:
     """Slowdown relative to native, per benchmark (log scale); 1 = native speed."""
     import matplotlib.pyplot as plt
-    import numpy as np
-    from ..plots import color_for, style
+    from ..plots import color_for, grouped_bars, style
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 4))
     g = df[(df.platform != "native") & df.ratio_to_native.notna()]
     t = g.pivot_table(index="benchmark", columns="platform", values="ratio_to_native", aggfunc="median")
     order = [b for b in BENCHMARKS if b in t.index]
     plats = [p for p in ("tcg", "kvm") if p in t.columns]
-    x = np.arange(len(order))
-    w = 0.8 / max(1, len(plats))
-    for i, p in enumerate(plats):
-        ax.bar(x + (i - (len(plats) - 1) / 2) * w, t.loc[order, p].to_numpy(dtype=float), w, label=p,
-               color=color_for(p))
+    grouped_bars(ax, t.loc[order, plats], colors=color_for, rotation=30)
     ax.axhline(1.0, color="black", lw=1, ls="--")
     ax.text(len(order) - 0.5, 1.03, "native speed", ha="right", va="bottom", fontsize=8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(order, rotation=30, ha="right")
     ax.legend(title="platform")
     style(ax, title="Slowdown vs native (1 = native speed)",
           ylabel="time / native time (log)", log="y")

@@ -129,22 +129,16 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
 def plot(df, ax=None, *, metric: str = "throughput_mb_s"):
     """Bars per device (median over repeats) for each workload; log scale for wide ranges."""
     import matplotlib.pyplot as plt
-    from ..plots import KIND_COLORS, style, where_label
+    from ..plots import KIND_COLORS, grouped_bars, style, where_label
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 4))
     g = df.groupby(["mode", "pattern", "bs", "device", "kind"], sort=False)[metric].median().reset_index()
-    g["workload"] = g["mode"] + " " + g["pattern"] + " " + (g["bs"] // 1024).astype(str) + "K"
-    wls = list(dict.fromkeys(g["workload"]))
-    devs = list(dict.fromkeys(g["device"]))
-    width = 0.8 / max(1, len(devs))
-    hatches = ["", "//", "..", "xx", "\\\\", "++"]
-    for i, d in enumerate(devs):
-        sub = g[g.device == d].set_index("workload").reindex(wls)
-        kind = sub["kind"].dropna().iloc[0]
-        ax.bar([k + i * width for k in range(len(wls))], sub[metric], width,
-               color=KIND_COLORS.get(kind), hatch=hatches[i % len(hatches)], edgecolor="white",
-               label=f"{d} ({kind})")
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(wls))], wls)
+    g["workload"] = g["mode"] + " " + g["pattern"] + "\n" + (g["bs"] // 1024).astype(str) + " KiB"
+    kind = dict(zip(g["device"], g["kind"]))
+    table = g.pivot(index="workload", columns="device", values=metric).reindex(
+        index=list(dict.fromkeys(g["workload"])), columns=list(dict.fromkeys(g["device"])))
+    grouped_bars(ax, table, colors=lambda d: KIND_COLORS.get(kind[d]), hatches=True,
+                 labels=lambda d: f"{d} ({kind[d]})")
     label = {"throughput_mb_s": "throughput (MB/s)", "interventions_per_mb": "interventions per MB (count/MB)",
              "lat_us_median": "median latency per operation (µs)"}.get(metric, metric)
     style(ax, title=f"Disks: {label}", xlabel="workload (mode, pattern, block size)", ylabel=label,

@@ -170,25 +170,21 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
 def plot(df, axes=None):
     """Throughput per direction and interventions per MB, one bar per device (medians)."""
     import matplotlib.pyplot as plt
-    from ..plots import KIND_COLORS, style, where_label
+    from ..plots import KIND_COLORS, grouped_bars, style, where_label
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        _, axes = plt.subplots(1, 2, figsize=(11.5, 3.8))
     g = df[df.direction != "rr"].groupby(["direction", "size_bytes", "device", "kind"], sort=False)[
         ["throughput_mb_s", "interventions_per_mb"]].median().reset_index()
-    g["workload"] = g["direction"] + " " + g["size_bytes"].astype(str) + " B"
-    wls = list(dict.fromkeys(g["workload"]))
-    devs = list(dict.fromkeys(g["device"]))
-    width = 0.8 / max(1, len(devs))
-    hatches = ["", "//", "..", "xx"]
+    g["workload"] = g["direction"].map({"guest->host": "to the host", "host->guest": "to the guest"}).fillna(
+        g["direction"]) + "\n" + g["size_bytes"].astype(str) + " B"
+    kind = dict(zip(g["device"], g["kind"]))
+    wls, devs = list(dict.fromkeys(g["workload"])), list(dict.fromkeys(g["device"]))
     for ax, metric, label in ((axes[0], "throughput_mb_s", "throughput (MB/s)"),
                               (axes[1], "interventions_per_mb", "interventions per MB (count/MB)")):
-        for i, d in enumerate(devs):
-            sub = g[g.device == d].set_index("workload").reindex(wls)
-            kind = sub["kind"].dropna().iloc[0]
-            ax.bar([k + i * width for k in range(len(wls))], sub[metric], width, color=KIND_COLORS.get(kind),
-                   hatch=hatches[i % len(hatches)], edgecolor="white", label=f"{d} ({kind})")
-        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(wls))], wls)
+        table = g.pivot(index="workload", columns="device", values=metric).reindex(index=wls, columns=devs)
+        grouped_bars(ax, table, colors=lambda d: KIND_COLORS.get(kind[d]), hatches=True,
+                     labels=lambda d: f"{d} ({kind[d]})")
         style(ax, title=f"NICs: {label}", xlabel="direction, UDP payload size", ylabel=label, log="y",
               source=where_label(df) if metric == "throughput_mb_s" else "")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper right")   # few interventions there leave that corner free
     return axes

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmlab.cli import boot_figures  # noqa: E402
-from vmlab.hostinfo import where  # noqa: E402
+from vmlab.cli import boot_figures
+from vmlab.hostinfo import where
 
 TARGETS = {"cold_boot_s": 2.5, "warm_boot_s": 0.5, "run_roundtrip_ms": 20.0, "qemu_rss_mb": 300.0}
 

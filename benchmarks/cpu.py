@@ -21,9 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vmlab.experiments import cpu  # noqa: E402
+from vmlab.experiments import balloon, clocks, cpu  # noqa: E402
 from vmlab.measure import stats  # noqa: E402
-from vmlab import platform as vp  # noqa: E402
 
 TARGET_QUICK_S = 60.0
 TARGET_NATIVE_CV = 0.10
@@ -61,12 +60,12 @@ def main() -> int:
             "skipped", "round"]
     report["rows"] = json.loads(df[cols].to_json(orient="records"))
 
-    clocks = vp.clock_experiment(quick=a.quick)
-    report["clocks"] = json.loads(clocks[[c for c in ("clocksource", "available", "ns_per_read", "ns_min",
-                                                       "ns_max", "ns_cv", "traps_per_read", "note")
-                                          if c in clocks]].to_json(orient="records"))
-    bal = vp.balloon_experiment(quick=a.quick)
-    report["balloon"] = json.loads(vp.balloon_summary(bal).to_json(orient="records"))
+    clk = clocks.run(quick=a.quick)
+    report["clocks"] = json.loads(clk[[c for c in ("clocksource", "available", "ns_per_read", "ns_min",
+                                                    "ns_max", "ns_cv", "traps_per_read", "note")
+                                       if c in clk]].to_json(orient="records"))
+    bal = balloon.run(quick=a.quick)
+    report["balloon"] = json.loads(balloon.summary(bal).to_json(orient="records"))
 
     if a.json:
         print(json.dumps(report, indent=1))

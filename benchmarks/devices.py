@@ -23,8 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vmlab import devices as dv  # noqa: E402
-from vmlab.experiments import console, disk, net  # noqa: E402
+from vmlab.experiments import console, contrasts, disk, net  # noqa: E402
 from vmlab.measure import save, stats  # noqa: E402
 from vmlab.plots import where_label  # noqa: E402
 
@@ -51,7 +50,7 @@ def summarise(name: str, df) -> None:
     rows = []
     for key, g in df.groupby(keys, sort=False):
         s = stats(g["throughput_mb_s"].dropna())
-        rows.append({**dict(zip(keys, key)), "n": s["n"], "median_mb_s": round(s["median"], 3),
+        rows.append({**dict(zip(keys, key, strict=False)), "n": s["n"], "median_mb_s": round(s["median"], 3),
                      "cv": round(s["cv"], 3), "interventions_per_mb": round(float(g["interventions_per_mb"].median()), 1),
                      "lat_us_median": g["lat_us_median"].median() if "lat_us_median" in g else None})
     t = pd.DataFrame(rows)
@@ -64,7 +63,7 @@ def summarise(name: str, df) -> None:
                   f"{'meets' if worst <= TARGET_CV else 'MISSES'} (worst case), "
                   f"{(cvs <= TARGET_CV).mean() * 100:.0f} % of rows meet it")
         print("\nratios (throughput: paravirtual/emulated; interventions per MB: emulated/paravirtual):")
-        print(dv.measured_ratios(df, name).to_string(index=False))
+        print(contrasts.measured_ratios(df, name).to_string(index=False))
     print("measured:", where_label(df))
 
 

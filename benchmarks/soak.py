@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmlab import VM  # noqa: E402
-from vmlab.hostinfo import where  # noqa: E402
-from vmlab.image import ensure_image  # noqa: E402
-from vmlab.measure import stats  # noqa: E402
+from vmlab import VM
+from vmlab.hostinfo import where
+from vmlab.image import ensure_image
+from vmlab.measure import stats
 
 BOUNDS = {"fds": 4, "threads": 2, "children": 0, "rss_mb_short": 40, "rss_mb_long": 80}
 

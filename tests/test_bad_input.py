@@ -12,15 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import qemu_children
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vmlab import NIC, VM, Disk, MachineSpec, SetupError, ImageError, SpecError, VMTimeout, VMError
-from vmlab import reaper
-from vmlab.qemu import build_launch
-
-from conftest import qemu_children
-
+from vmlab import NIC, VM, Disk, ImageError, MachineSpec, SetupError, SpecError, VMError, VMTimeout
+from vmlab.vm import reaper
+from vmlab.vm.qemu import build_launch
 
 # (id, keyword arguments to VM(...), the field the error must name, a known bug (xfail reason) or None)
 BAD = [
@@ -156,7 +154,7 @@ def test_spec_passed_positionally_must_be_a_spec():
 def test_unknown_experiment_names_field_and_choices():
     import vmlab.experiments as ex
     with pytest.raises(SpecError) as ei:
-        ex.run("no-such-experiment")
+        ex.run_experiment("no-such-experiment")
     assert ei.value.field == "experiment"
     assert "disk" in ei.value.fix
 
@@ -270,7 +268,7 @@ def _argv_is_clean(spec: MachineSpec) -> None:
 def test_memory_validation_returns_a_spec_or_spec_error(memory):
     out = _validated_or_spec_error(MachineSpec(memory=memory))
     if out is not None:
-        assert 96 <= out.memory_mb
+        assert out.memory_mb >= 96
 
 
 @PROPS

@@ -80,7 +80,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 40) -> None:
 
 class Server:
     def __init__(self, argv, url_check: str, cwd: Path, log: Path) -> None:
-        self.log = open(log, "wb")
+        self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, JUPYTER_PLATFORM_DIRS="1", VMLAB_QUICK="1")
         self.proc = subprocess.Popen(argv, cwd=str(cwd), stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

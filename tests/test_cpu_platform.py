@@ -1,5 +1,5 @@
 """CPU and platform virtualization: nanobenchmarks native vs TCG (vmlab.experiments.cpu),
-clocksources, the memory balloon and guest awareness (vmlab.platform).
+clocksources, the memory balloon and guest awareness (vmlab.experiments.clocks, balloon, awareness).
 
 Direction and sanity only (ratios with wide margins); figures live in benchmarks/cpu.py.
 """
@@ -34,8 +34,8 @@ def test_options_are_checked_before_anything_runs():
 
 def test_missing_gcc_is_a_setup_error_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("VMLAB_CACHE", str(tmp_path))
-    import vmlab.hostview as hostview
-    monkeypatch.setattr(hostview.shutil, "which", lambda name: None)
+    import vmlab.image.guesttools as guesttools
+    monkeypatch.setattr(guesttools.shutil, "which", lambda name: None)
     with pytest.raises(SetupError) as e:
         cpu.native_vmbench()
     assert "gcc" in str(e.value) and "apt-get install gcc" in (e.value.fix or "")
@@ -116,8 +116,9 @@ def test_cpu_experiment_native_vs_tcg(image):
 # ------------------------------------------------------------------ platform: no VM
 def test_balloon_target_is_checked():
     from types import SimpleNamespace
+
     from vmlab import MachineSpec
-    from vmlab.platform import _check_target
+    from vmlab.experiments.balloon import _check_target
     vm = SimpleNamespace(spec=MachineSpec(memory=256, balloon=True).validated())
     assert _check_target(vm, 128) == 128 << 20
     for bad in (300, 10, float("nan"), "128", True):
@@ -129,7 +130,7 @@ def test_balloon_target_is_checked():
 
 
 def test_dmesg_lines_pick_the_awareness_lines():
-    from vmlab.platform import _dmesg_lines
+    from vmlab.experiments.awareness import _dmesg_lines
     text = ("[    0.000000] Hypervisor detected: KVM\n[    0.01] random line\n"
             "[    0.032411] Booting paravirtualized kernel on bare hardware\n")
     assert _dmesg_lines(text) == ["Hypervisor detected: KVM", "Booting paravirtualized kernel on bare hardware"]
@@ -139,7 +140,7 @@ def test_dmesg_lines_pick_the_awareness_lines():
 @pytest.mark.integration
 def test_hpet_reads_cost_more_than_tsc_and_trap(image):
     from vmlab import VM
-    from vmlab.platform import CLOCK_TRACE, clock_costs, clocksources, quiet_trace
+    from vmlab.experiments.clocks import CLOCK_TRACE, clock_costs, clocksources, quiet_trace
     with VM(accel="tcg", name="clocks", trace=CLOCK_TRACE, image=image) as vm:
         quiet_trace(vm, False)
         df = clock_costs(vm, sources=("tsc", "hpet", "acpi_pm", "kvm-clock"), repeats=3, scale=0.002)
@@ -166,7 +167,8 @@ def test_hpet_reads_cost_more_than_tsc_and_trap(image):
 
 @pytest.mark.integration
 def test_balloon_changes_the_guests_memory(image):
-    from vmlab.platform import balloon_experiment, balloon_summary
+    from vmlab.experiments.balloon import run as balloon_experiment
+    from vmlab.experiments.balloon import summary as balloon_summary
     df = balloon_experiment(quick=True, memory=256, low_mb=128, touch_mb=100, image=image)
     s = balloon_summary(df).set_index("phase")
     before = s.loc["booted", "guest_total_mb"]
@@ -182,8 +184,8 @@ def test_balloon_changes_the_guests_memory(image):
 
 @pytest.mark.integration
 def test_guest_awareness_tcg_default_and_hidden(image):
+    from vmlab.experiments.awareness import run as awareness_experiment
     from vmlab.hostinfo import host_virtualization
-    from vmlab.platform import awareness_experiment
     df = awareness_experiment(image=image, kvm=False)
     host, tcg, hidden = (df.iloc[i] for i in range(3))
     assert bool(host.hypervisor_bit) == bool(host_virtualization()["cpuid_hypervisor_flag"])

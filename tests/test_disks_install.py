@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 
@@ -9,6 +10,7 @@ import pytest
 
 from vmlab import VM, disks, install
 from vmlab.errors import SpecError
+from vmlab.experiments import thin
 
 MiB = 1 << 20
 
@@ -95,10 +97,10 @@ def test_install_tree_and_host_configuration(tmp_path, image):
 # ----------------------------------------------------------- with a guest
 @pytest.mark.integration
 def test_qcow2_allocation_grows_with_guest_writes(tmp_path, image):
-    df = disks.measure_thin_provisioning(24, 8, virtual_size="128M", directory=tmp_path, image=image)
+    df = thin.measure_thin_provisioning(24, 8, virtual_size="128M", directory=tmp_path, image=image)
     alloc = df.sort_values("written_mib")["allocated_mib"].tolist()
     assert alloc[0] < 2                                       # empty image: metadata only
-    assert all(b > a for a, b in zip(alloc, alloc[1:]))       # grows with every write
+    assert all(b > a for a, b in itertools.pairwise(alloc))  # grows with every write
     assert alloc[-1] >= 24                                    # at least what was written
     assert alloc[-1] < df["virtual_mib"].iloc[0] / 2          # far below the virtual size
     assert (df["virtual_mib"] == 128).all()
@@ -106,7 +108,7 @@ def test_qcow2_allocation_grows_with_guest_writes(tmp_path, image):
 
 @pytest.mark.integration
 def test_overlay_leaves_base_unchanged(tmp_path, image):
-    r = disks.measure_overlay(4, directory=tmp_path, image=image)
+    r = thin.measure_overlay(4, directory=tmp_path, image=image)
     assert r["guest_saw_base_data"] == "GOLDEN-BASE"
     assert r["guest_read_after_write"] == "CHANGED-BY-VM"
     assert r["base_unchanged"] and r["base_sha256_before"] == r["base_sha256_after"]

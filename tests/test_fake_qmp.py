@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from vmlab import VM, LaunchError, VMDied, VMError, VMTimeout, reaper
-
 from conftest import qemu_children
+
+from vmlab import VM, LaunchError, VMDied, VMError, VMTimeout
+from vmlab.vm import reaper
 
 FAKE = Path(__file__).resolve().parent / "helpers" / "fake_qemu.py"
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 
-from vmlab import VM, SpecError, hostview
+from vmlab import VM, SpecError, hostview, procfs
+from vmlab.experiments import hosted
 
 CORES = sorted(os.sched_getaffinity(0))
 
@@ -31,7 +33,7 @@ def test_native_vmbench_compiles_and_spins():
 
 
 def test_threads_of_this_process_and_hog_cleanup():
-    me = hostview.threads(os.getpid())
+    me = procfs.threads(os.getpid())
     assert any(t["tid"] == os.getpid() for t in me)
     assert all(t["cpu_s"] >= 0 and t["last_core"] >= 0 for t in me)
     hog = hostview.CpuHog(CORES[0], max_seconds=30).start()
@@ -41,8 +43,8 @@ def test_threads_of_this_process_and_hog_cleanup():
     finally:
         hog.stop()
     assert not hog.running()
-    assert not os.path.exists(f"/proc/{hog.pid}/status") or \
-        "zombie" in open(f"/proc/{hog.pid}/status").read().lower()
+    status = Path(f"/proc/{hog.pid}/status")
+    assert not status.exists() or "zombie" in status.read_text().lower()
 
 
 def test_bad_arguments_raise_spec_errors_before_any_vm():
@@ -64,14 +66,14 @@ def test_bad_arguments_raise_spec_errors_before_any_vm():
 def test_vcpu_thread_ids_match_qemu_threads(image):
     with VM(accel="tcg", image=image, name="hv-threads", cpus=2) as vm:
         vcpus = hostview.vcpu_threads(vm)
-        tids = {t["tid"]: t["name"] for t in hostview.threads(vm.pid)}
+        tids = {t["tid"]: t["name"] for t in procfs.threads(vm.pid)}
         assert sorted(c["cpu_index"] for c in vcpus) == [0, 1]
         for c in vcpus:
             assert c["thread_id"] in tids, (c, tids)
             assert c["thread_id"] != vm.pid
             assert tids[c["thread_id"]] == f"CPU {c['cpu_index']}/TCG"
         # the guest's work shows up as CPU time of a vCPU thread, not of the main loop
-        df = hostview.cpu_by_thread(vm, "vmbench spin --seconds 1")
+        df = hosted.cpu_by_thread(vm, "vmbench spin --seconds 1")
         top = df.iloc[0]
         assert top["tid"] in {c["thread_id"] for c in vcpus}, df
         assert top["cpu_s"] > 0.2, df
@@ -84,13 +86,13 @@ def test_rss_grows_when_the_guest_touches_memory(image):
         assert mm["guest_ram_size"] == 384           # all mapped up front...
         assert mm["guest_ram"] < 300                 # ...but not all resident (lazy)
         before = vm.qemu_rss_bytes()
-        df = hostview.rss_vs_touch(vm, [32, 160], hold_ms=300)
+        df = hosted.rss_vs_touch(vm, [32, 160], hold_ms=300)
         growth = (vm.qemu_rss_bytes() - before) / 2**20
         assert growth > 80, df.to_string()           # 160 MiB touched; generous margin
         assert df["rss_mb"].iloc[1] > df["rss_mb"].iloc[0], df.to_string()
         assert hostview.memory_map(vm.pid, 384)["guest_ram"] > mm["guest_ram"] + 80
         with pytest.raises(SpecError):
-            hostview.rss_vs_touch(vm, [1000])
+            hosted.rss_vs_touch(vm, [1000])
 
 
 @pytest.mark.integration

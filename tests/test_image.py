@@ -21,9 +21,15 @@ from pathlib import Path
 import pytest
 
 from vmlab import image as vi
+from vmlab.config import cache_dir
 from vmlab.errors import ImageError, SetupError
+from vmlab.image import util as image_util
+from vmlab.image.elf import XZ_MAGIC, elf_info
+from vmlab.image.guesttools import check_static
+from vmlab.image.modules import module_closure
+from vmlab.image.util import sha256_file
 
-REPO_GUEST = Path(vi.__file__).resolve().parent / "guest"
+REPO_GUEST = image_util.DEFAULT_GUEST_DIR
 
 STUB_AGENT = r"""
 #include <stdio.h>
@@ -98,7 +104,7 @@ def fake_kernel(env, monkeypatch):
 
 
 def test_cache_dir_honours_vmlab_cache_and_is_0700(env):
-    d = vi.cache_dir()
+    d = cache_dir()
     assert d == env / "cache"
     assert d.is_dir()
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
@@ -107,10 +113,10 @@ def test_cache_dir_honours_vmlab_cache_and_is_0700(env):
 def test_cache_dir_xdg_and_home(tmp_path, monkeypatch):
     monkeypatch.delenv("VMLAB_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert vi.cache_dir() == tmp_path / "xdg" / "vmlab"
+    assert cache_dir() == tmp_path / "xdg" / "vmlab"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert vi.cache_dir() == tmp_path / "home" / ".cache" / "vmlab"
+    assert cache_dir() == tmp_path / "home" / ".cache" / "vmlab"
     assert stat.S_IMODE((tmp_path / "home" / ".cache" / "vmlab").stat().st_mode) == 0o700
 
 
@@ -119,7 +125,7 @@ def test_unusable_cache_dir_names_dir_and_fix(tmp_path, monkeypatch):
     blocker.write_text("x")
     monkeypatch.setenv("VMLAB_CACHE", str(blocker / "cache"))
     with pytest.raises(ImageError) as ei:
-        vi.cache_dir()
+        cache_dir()
     assert str(blocker / "cache") in str(ei.value)
     assert "VMLAB_CACHE" in ei.value.fix
 
@@ -158,8 +164,9 @@ def test_cpio_round_trip_and_determinism(tmp_path):
     assert by["etc/hostname"]["data"] == b"vmlab\n"
 
     if shutil.which("cpio"):
-        out = subprocess.run(["cpio", "-t", "--quiet"], stdin=open(a, "rb"),
-                             capture_output=True, text=True, check=True).stdout.split()
+        with open(a, "rb") as archive:
+            out = subprocess.run(["cpio", "-t", "--quiet"], stdin=archive,
+                                 capture_output=True, text=True, check=True).stdout.split()
         assert out == names
 
 
@@ -170,7 +177,7 @@ def test_extract_vmlinux_finds_the_elf_xz_stream(tmp_path):
     elf = fake_elf_kernel(tmp_path / "elf")
     blob = (b"MZ" + bytes(500)
             + lzma.compress(b"not an elf at all", format=lzma.FORMAT_XZ)   # a decoy stream
-            + bytes(17) + vi.XZ_MAGIC + b"garbage"                        # a broken one
+            + bytes(17) + XZ_MAGIC + b"garbage"                        # a broken one
             + lzma.compress(elf.read_bytes(), format=lzma.FORMAT_XZ)
             + b"trailing data")
     bz = tmp_path / "vmlinuz"
@@ -179,7 +186,7 @@ def test_extract_vmlinux_finds_the_elf_xz_stream(tmp_path):
     assert (tmp_path / "out").read_bytes() == elf.read_bytes()
     vi.extract_vmlinux(elf, tmp_path / "out2")                          # ELF: as is
     assert (tmp_path / "out2").read_bytes() == elf.read_bytes()
-    assert vi._elf_info(elf)["pvh"]
+    assert elf_info(elf)["pvh"]
 
     bad = tmp_path / "bad"
     bad.write_bytes(b"MZ" + bytes(100) + lzma.compress(b"no elf", format=lzma.FORMAT_XZ))
@@ -191,7 +198,7 @@ def test_extract_vmlinux_finds_the_elf_xz_stream(tmp_path):
 
 def test_dynamic_busybox_is_refused():
     with pytest.raises(SetupError) as ei:
-        vi._check_static(Path("/bin/ls"))
+        check_static(Path("/bin/ls"))
     assert "busybox-static" in ei.value.fix
 
 
@@ -236,7 +243,7 @@ def test_missing_required_module_names_it_and_the_fix(env, fake_kernel, monkeypa
     assert "virtio_pci" not in ei.value.message.split("lacks")[1]
     assert ei.value.fix and "VMLAB_KERNEL" in ei.value.fix
     # nothing half-built is left behind
-    images = vi.cache_dir() / "images"
+    images = cache_dir() / "images"
     assert [p.name for p in images.iterdir() if p.name != ".lock"] == []
 
 
@@ -249,7 +256,7 @@ def test_module_closure_resolves_dependencies(tmp_path):
         "kernel/b/crc-t10dif.ko:\n"
         "kernel/b/sd_mod.ko: kernel/b/crc-t10dif.ko\n")
     (mods / "modules.builtin").write_text("kernel/net/packet/af_packet.ko\n")
-    c = vi._module_closure(mods, [("virtio-pci", True), ("sd_mod", False),
+    c = module_closure(mods, [("virtio-pci", True), ("sd_mod", False),
                                   ("af_packet", False), ("e1000", False)])
     assert c["paths"] == ["kernel/a/virtio.ko", "kernel/a/virtio_pci.ko",
                           "kernel/b/crc-t10dif.ko", "kernel/b/sd_mod.ko"]
@@ -267,7 +274,7 @@ def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
     img = vi.ensure_image(guest_dir=g, progress=msgs.append)
     assert img.kernel.read_bytes() == fake_kernel.read_bytes()
     assert img.kernel_version == "6.0.0-fake"
-    assert img.root == vi.cache_dir() / "images" / img.key
+    assert img.root == cache_dir() / "images" / img.key
     m = json.loads((img.root / "manifest.json").read_text())
     assert m["outputs"]["initrd.cpio"]["size"] == img.initrd.stat().st_size
     assert m["modules"] == [] and "virtio_pci" in m["modules_missing"]
@@ -304,18 +311,18 @@ def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
     msgs.clear()
     again = vi.ensure_image(guest_dir=g, progress=msgs.append)
     assert any("damaged" in s for s in msgs), msgs
-    assert vi._sha256_file(again.initrd) == again.manifest["outputs"]["initrd.cpio"]["sha256"]
+    assert sha256_file(again.initrd) == again.manifest["outputs"]["initrd.cpio"]["sha256"]
 
     st = vi.image_status(guest_dir=g)
     assert st["built"] and st["key"] == img.key and st["problems"] == []
-    leftovers = [p.name for p in (vi.cache_dir() / "images").iterdir()
+    leftovers = [p.name for p in (cache_dir() / "images").iterdir()
                  if p.name.startswith(".") and p.name != ".lock"]
     assert leftovers == []
 
 
 @needs_build_tools
 def test_cli_status_and_build_json(env, fake_kernel, capsys, monkeypatch):
-    monkeypatch.setattr(vi, "DEFAULT_GUEST_DIR", make_guest_dir(env / "guest"))
+    monkeypatch.setattr(image_util, "DEFAULT_GUEST_DIR", make_guest_dir(env / "guest"))
     assert vi.build_image_cli(["image", "status", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["built"] is False and st["problems"] == []
@@ -371,7 +378,7 @@ def real_image(tmp_path_factory):
 def test_real_image_boots_and_loads_modules(real_image):
     img = real_image
     assert img.kernel.read_bytes()[:4] == b"\x7fELF"
-    assert vi._elf_info(img.kernel)["pvh"]
+    assert elf_info(img.kernel)["pvh"]
     assert img.kernel_version.endswith("-amd64") and "cloud" not in img.kernel_version
     assert img.manifest["modules_missing"] == []
     for m in ("virtio_pci", "virtio_console", "e1000", "8139cp", "ata_piix", "libata"):
@@ -389,7 +396,7 @@ def test_real_image_boots_and_loads_modules(real_image):
 
 @pytest.mark.integration
 def test_real_image_module_options_from_cmdline(real_image):
-    out, seconds, rc = _boot(real_image, "libata.dma=0 vmlab.modules=ata_piix")
+    out, _seconds, _rc = _boot(real_image, "libata.dma=0 vmlab.modules=ata_piix")
     assert "AGENT-STUB-END" in out, out[-3000:]
     modules = out.split("== /proc/modules", 1)[1].split("==", 1)[0]
     assert "ata_piix" in modules and "libata" in modules

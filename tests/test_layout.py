@@ -38,7 +38,7 @@ def test_top_level_layout():
 def test_readme_opens_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
     first_block = re.search(r"```(?:sh|bash)?\n(.*?)```", text, re.S).group(1)
-    assert [l.strip() for l in first_block.strip().splitlines()] == ["make lab", "make test"]
+    assert [ln.strip() for ln in first_block.strip().splitlines()] == ["make lab", "make test"]
 
 
 def test_makefile_installs_what_it_needs():
@@ -47,3 +47,29 @@ def test_makefile_installs_what_it_needs():
     apt = (ROOT / "apt.txt").read_text().split()
     for pkg in ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "gcc"):
         assert pkg in apt
+
+
+def test_cli_lists_every_registered_experiment():
+    import importlib
+    import inspect
+    import subprocess
+    import sys
+
+    from vmlab import experiments
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vmlab", "experiment", *args], capture_output=True,
+                              text=True, check=True, cwd=ROOT, timeout=120).stdout
+
+    listed = [line.split()[0] for line in cli("list").splitlines() if line.strip()]
+    assert listed == list(experiments.REGISTRY)
+    helptext = cli("--help")
+    for name, module in experiments.REGISTRY.items():
+        assert re.search(rf"^\s+{re.escape(name)}\s", helptext, re.M), f"{name} missing from --help"
+        run = importlib.import_module(module).run
+        assert list(inspect.signature(run).parameters)[:2] == ["quick", "progress"], module
+    # every module of vmlab/experiments with a run() entry point is registered
+    for path in sorted((ROOT / "vmlab" / "experiments").glob("[!_]*.py")):
+        mod = importlib.import_module(f"vmlab.experiments.{path.stem}")
+        if callable(getattr(mod, "run", None)):
+            assert mod.__name__ in experiments.REGISTRY.values(), f"{mod.__name__} has run() but is not registered"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -44,7 +45,7 @@ def test_each_path_events_and_data(action, image, tmp_path):
     assert row["seconds"] > 0
     tl = json.loads(row["timeline"])
     assert [e["event"] for e in tl if e["event"] != "RESET"] == [n for n in names if n != "RESET"]
-    assert all(b["t_s"] >= a["t_s"] for a, b in zip(tl, tl[1:]))
+    assert all(b["t_s"] >= a["t_s"] for a, b in itertools.pairwise(tl))
     if action == "paused_boot":
         assert row["status_before"] == "prelaunch" or row["status_before"] == "paused"
         assert row["status_after"] == "running"

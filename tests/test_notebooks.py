@@ -135,14 +135,14 @@ def test_prediction_widget_records_and_measures():
     p = Prediction("MB/s?", unit="MB/s", measure=lambda: 40.0, low=1, high=1000, log=True)
     w = p.widget
     p._input.value = 20.0
-    record = [c for c in w.children[1].children if "vmlab-predict-record" in c._dom_classes][0]
-    measure = [c for c in w.children[1].children if "vmlab-predict-measure" in c._dom_classes][0]
+    record = next(c for c in w.children[1].children if "vmlab-predict-record" in c._dom_classes)
+    measure = next(c for c in w.children[1].children if "vmlab-predict-measure" in c._dom_classes)
     record.click()
     assert p.prediction == pytest.approx(20.0, rel=0.01)
     measure.click()
     assert p.measurement == 40.0 and "2x too low" in p._out.value
     t = Prediction("text box", unit="ms")
-    t.widget
+    assert t.widget is not None                     # builds the text box
     t._input.value = "not a number"
     t._on_record()
     assert t.prediction is None
@@ -163,9 +163,9 @@ def test_check_scores_and_explains():
                ("Which is emulated?", ["e1000", "virtio-net"], 0, "e1000 is a real card.")])
     assert c.answer([1, 1]) == 1
     assert c.results[0].startswith("1. right") and "the answer is 'e1000'" in c.results[1]
-    c.widget
+    assert c.widget is not None                     # builds the radio buttons
     c._radios[0].value, c._radios[1].value = 1, 0
-    [b for b in c.widget.children if "vmlab-check-button" in getattr(b, "_dom_classes", ())][0].click()
+    next(b for b in c.widget.children if "vmlab-check-button" in getattr(b, "_dom_classes", ())).click()
     assert c.score == 2 and "2 / 2" in c._out.value
     with pytest.raises(ValueError):
         Check([("q", ["only one"], 0, "")])
@@ -198,7 +198,8 @@ def test_render_executes_the_first_lessons_and_reports_a_failure(tmp_path):
     out = tmp_path / "html"
     rc = lessons.main(["render", "--quick", "--notebooks", str(nbs), "--out", str(out), "--timeout", "120"])
     assert rc == 1, "a failing notebook makes render exit non-zero"
-    rows = {r["notebook"]: r for r in csv.DictReader(open(out / "timings.csv"))}
+    with open(out / "timings.csv") as f:
+        rows = {r["notebook"]: r for r in csv.DictReader(f)}
     assert rows["00.50-Broken.ipynb"]["status"] == "failed"
     assert "deliberately broken" in rows["00.50-Broken.ipynb"]["detail"]
     for p in NUMBERED[:2]:
@@ -220,7 +221,7 @@ def test_render_executes_the_first_lessons_and_reports_a_failure(tmp_path):
 def test_device_race_virtio_outruns_ide_pio():
     from vmlab.widgets.race import DeviceRace
     race = DeviceRace(["ide-pio", "virtio-blk"], seconds=3, chunk_mb=4, disk_mb=32, accel="tcg")
-    race.widget                                     # the dashboard widget, redrawn as it runs
+    assert race.widget is not None                  # the dashboard widget, redrawn as it runs
     df = race.run()
     assert not race.errors, race.errors
     rates = race.rates()

@@ -25,11 +25,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from vmlab import VM, ExperimentError, ImageError, VMError, VMTimeout, reaper
-from vmlab.measure import Rows
-
 from conftest import qemu_children
+
+from vmlab import VM, ExperimentError, ImageError, VMError, VMTimeout
+from vmlab.measure import Rows
+from vmlab.vm import reaper
 
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = ROOT / "tests" / "helpers" / "start_vm_and_wait.py"
@@ -195,12 +195,11 @@ def test_sweep_kills_a_real_qemu_whose_owner_died(image, tmp_path):
 def exception_trial(image) -> dict:
     name = "relwarm"
     seen = {}
-    with pytest.raises(RuntimeError, match="boom"):
-        with VM(accel="tcg", image=image, name=name, warm=True) as vm:
-            seen.update(pid=vm.pid, dir=vm.private_dir)
-            vm.run("true")
-            seen["t"] = time.monotonic()
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), VM(accel="tcg", image=image, name=name, warm=True) as vm:
+        seen.update(pid=vm.pid, dir=vm.private_dir)
+        vm.run("true")
+        seen["t"] = time.monotonic()
+        raise RuntimeError("boom")
     took = wait_gone(seen["pid"], since=seen["t"])
     assert not seen["dir"].exists() and private_dirs(name) == [] and qemu_children() == []
     assert vm.state.value == "off"
@@ -295,13 +294,12 @@ def test_qemu_killed_mid_experiment_keeps_the_rows(image, tmp_path, monkeypatch)
     rows = Rows("faultdemo", where={"accel": "tcg"})
     with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
         qpid = vm.pid
-        with pytest.raises(ExperimentError) as ei:
-            with rows.guard():
-                for i in range(10):
-                    if i == 4:
-                        os.kill(qpid, signal.SIGKILL)       # behind the library's back
-                    r = vm.run("echo x")
-                    rows.add(i=i, wall_s=r.wall_s, guest_s=r.guest_s)
+        with pytest.raises(ExperimentError) as ei, rows.guard():
+            for i in range(10):
+                if i == 4:
+                    os.kill(qpid, signal.SIGKILL)       # behind the library's back
+                r = vm.run("echo x")
+                rows.add(i=i, wall_s=r.wall_s, guest_s=r.guest_s)
         wait_gone(qpid)
         assert vm.state.value in ("failed", "off")
     exc = ei.value
@@ -381,11 +379,11 @@ def test_guest_that_stops_answering_is_a_timeout_naming_the_phase(image):
 
 def _seed_cache(dest: Path) -> Path:
     """A fresh cache with the kernel package linked in (no download)."""
-    from vmlab.image import cache_dir
+    from vmlab.config import cache_dir
     src = cache_dir() / "downloads"
     dest.mkdir(mode=0o700)
     (dest / "downloads").mkdir(mode=0o700)
-    for p in list(src.glob("*.deb")) + [src / "apt-resolve.json"]:
+    for p in [*src.glob("*.deb"), src / "apt-resolve.json"]:
         if p.is_file():
             try:
                 os.link(p, dest / "downloads" / p.name)
@@ -397,7 +395,7 @@ def _seed_cache(dest: Path) -> Path:
 @pytest.mark.integration
 def test_truncated_cached_image_is_detected_and_rebuilt(tmp_path, monkeypatch):
     from vmlab import image as vi
-    from vmlab.image import cache_dir
+    from vmlab.config import cache_dir
     if not list((cache_dir() / "downloads").glob("*.deb")):
         pytest.skip("no cached kernel package to seed a fresh cache from")
     monkeypatch.setenv("VMLAB_CACHE", str(_seed_cache(tmp_path / "cache")))
@@ -494,7 +492,7 @@ def _threads_trial(image, n: int) -> dict:
                 results[i] = {"pid": vm.pid, "dir": vm.private_dir, "console": vm.console_log,
                               "echo": out[0], "boot_id": out[1], "sockets": set(map(id, vm._socks)),
                               "console_text": vm.console_text()}
-        except BaseException as exc:   # noqa: BLE001 - reported below
+        except BaseException as exc:   # reported below
             results[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from vmlab import NIC, VM
-from vmlab.image import cache_dir
+from vmlab.config import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -107,7 +107,7 @@ def test_qemu_has_no_inet_socket_without_forwards(vm):
     # its sockets are all UNIX (socketpairs), none bound to a path
     unix = Path(f"/proc/{vm.pid}/net/unix").read_text().splitlines()[1:]
     mine = socket_inodes(vm.pid)
-    paths = [l.split()[7] for l in unix if len(l.split()) > 7 and l.split()[6] in mine]
+    paths = [line.split()[7] for line in unix if len(line.split()) > 7 and line.split()[6] in mine]
     assert paths == [], f"QEMU has UNIX sockets bound to paths: {paths}"
 
 
@@ -200,7 +200,7 @@ def _nobody_cache() -> Path:
     base = Path(tempfile.mkdtemp(prefix="vmlab-sec-nobody-", dir="/tmp"))
     (base / "cache" / "downloads").mkdir(parents=True)
     src = cache_dir() / "downloads"
-    for p in list(src.glob("*.deb")) + [src / "apt-resolve.json"]:
+    for p in [*src.glob("*.deb"), src / "apt-resolve.json"]:
         if p.is_file():
             shutil.copy(p, base / "cache" / "downloads" / p.name)
     for p in [base, *base.rglob("*")]:
@@ -212,7 +212,8 @@ def _nobody_cache() -> Path:
 CHILD = """
 import json, os, stat
 from vmlab import VM
-from vmlab.image import ensure_image, cache_dir
+from vmlab.config import cache_dir
+from vmlab.image import ensure_image
 img = ensure_image()
 with VM(accel="tcg", image=img, name="nobody") as vm:
     out = vm.run("echo guest-ok").stdout.strip()

@@ -3,8 +3,8 @@
 import pytest
 
 from vmlab import NIC, Disk, MachineSpec, SpecError
-from vmlab.qemu import build_launch, kernel_cmdline
 from vmlab.spec import parse_size
+from vmlab.vm.qemu import build_launch, kernel_cmdline
 
 
 @pytest.mark.parametrize("value,mib", [(128, 128), ("128M", 128), ("1G", 1024), ("512MiB", 512), ("0.5G", 512)])

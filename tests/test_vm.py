@@ -41,8 +41,8 @@ def test_run_timeout_and_concurrent_commands(vm):
     async def both():
         avm = vm._avm
         return await asyncio.gather(avm.run("sleep 0.3; echo a"), avm.run("echo b"))
-    from vmlab import _loop
-    a, b = _loop.run(both())
+    from vmlab.vm.runner import block_on
+    a, b = block_on(both())
     assert (a.stdout, b.stdout) == ("a\n", "b\n")
 
 
@@ -109,8 +109,8 @@ def test_async_api(image):
     async def main():
         async with AsyncVM(accel="tcg", image=image) as vm:
             return (await vm.run("echo async")).stdout
-    from vmlab import _loop
-    assert _loop.run(main()) == "async\n"
+    from vmlab.vm.runner import block_on
+    assert block_on(main()) == "async\n"
 
 
 def test_guest_never_ready_times_out_with_console_tail(image):

@@ -4,25 +4,35 @@
     with VM() as vm:
         print(vm.run("uname -r").stdout)
 
-The pieces, one job per module:
+The pieces, one job per module (docs/developers.md has the whole map):
     spec      what a VM is (MachineSpec, Disk, NIC), validated before launch
-    qemu      the QEMU binary and the command line for a spec
     image     the lesson guest image (kernel, initramfs, agent, vmbench), cached
-    machine   AsyncVM / VM: lifecycle, QMP, the guest agent, console, events
-    agent     the host side of the guest agent protocol
-    accel     which accelerator works here, proven by booting
-    reaper    no QEMU outlives its Python process
+    vm        the VM driver: AsyncVM / VM, QEMU's command line, the guest agent,
+              console, events, warm starts, the accelerator probe, the reaper
     errors    the error tree
 """
 
-from .agent import RunResult
-from .errors import (AccelUnavailable, ExperimentError, GuestError, ImageError, LaunchError,
-                     SetupError, SpecError, StateError, VMDied, VMError, VMLabError, VMTimeout)
-from .machine import VM, AsyncVM, RunState
+from .errors import (
+    AccelUnavailable,
+    ExperimentError,
+    GuestError,
+    ImageError,
+    LaunchError,
+    SetupError,
+    SpecError,
+    StateError,
+    VMDied,
+    VMError,
+    VMLabError,
+    VMTimeout,
+)
 from .spec import NIC, Disk, MachineSpec
+from .vm import VM, AsyncVM, RunResult, RunState
 
 __version__ = "0.1.0"
 
-__all__ = ["VM", "AsyncVM", "RunState", "MachineSpec", "Disk", "NIC", "RunResult",
-           "VMLabError", "SpecError", "SetupError", "ImageError", "AccelUnavailable", "VMError",
-           "LaunchError", "VMTimeout", "VMDied", "StateError", "GuestError", "ExperimentError"]
+__all__ = [
+    "NIC", "VM", "AccelUnavailable", "AsyncVM", "Disk", "ExperimentError", "GuestError", "ImageError", "LaunchError",
+    "MachineSpec", "RunResult", "RunState", "SetupError", "SpecError", "StateError", "VMDied", "VMError", "VMLabError",
+    "VMTimeout",
+]

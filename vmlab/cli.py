@@ -12,7 +12,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import experiments
 from .errors import VMLabError
+from .measure import save, to_json_rows
 
 
 def _print_json(obj: Any) -> None:
@@ -22,15 +24,14 @@ def _print_json(obj: Any) -> None:
 # ---------------------------------------------------------------- doctor
 def doctor_report(reprobe: bool = False) -> Dict[str, Any]:
     """What this machine can do, each problem with its fix."""
-    from .accel import kvm_device_problem, probe_kvm
     from .hostinfo import host_cpu, host_virtualization
     from .image import image_status
     from .spec import host_memory_bytes
-    from . import _loop
+    from .vm import kvm_device_problem, kvm_verdict
     report: Dict[str, Any] = {"problems": []}
     problems: List[Dict[str, str]] = report["problems"]
     try:
-        from .qemu import qemu_binary, qemu_version
+        from .tools import qemu_binary, qemu_version
         report["qemu"] = {"path": qemu_binary(), "version": qemu_version()}
     except VMLabError as exc:
         report["qemu"] = None
@@ -47,7 +48,7 @@ def doctor_report(reprobe: bool = False) -> Dict[str, Any]:
                      if report["qemu"] else "QEMU is missing"}
     if report["qemu"] and img.get("built"):
         try:
-            accels["kvm"] = _loop.run(probe_kvm(use_cache=not reprobe))
+            accels["kvm"] = kvm_verdict(use_cache=not reprobe)
         except VMLabError as exc:
             accels["kvm"] = {"usable": False, "reason": exc.message}
     else:
@@ -93,15 +94,18 @@ def _doctor(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ boot
 def boot_figures(repeats: int = 3, accel: str = "auto", roundtrips: int = 50) -> Dict[str, Any]:
     """Cold boot, warm restore and run() round trip, medians over repeats."""
-    from .machine import VM
-    from .qemu import qemu_version
-    cold, warm, rtt, rss = [], [], [], []
+    from .tools import qemu_version
+    from .vm import VM
+    cold: List[float] = []
+    warm: List[float] = []
+    rtt: List[float] = []
+    rss: List[int] = []
     used_accel, reason, release = "", "", ""
     for _ in range(repeats):
         with VM(accel=accel, name="boot-cold") as vm:
-            cold.append(vm.boot_seconds)
+            cold.append(vm.boot_seconds or 0.0)
             release = vm.run("uname -r").stdout.strip()
-            used_accel, reason = vm.accel, vm.accel_reason
+            used_accel, reason = vm.accel or "", vm.accel_reason or ""
             for _ in range(roundtrips):
                 rtt.append(vm.run("true").wall_s)
             rss.append(vm.qemu_rss_bytes())
@@ -111,7 +115,7 @@ def boot_figures(repeats: int = 3, accel: str = "auto", roundtrips: int = 50) ->
     for _ in range(repeats):
         with VM(accel=accel, name="boot-warm", warm=True) as vm:
             if vm.warm_restored:
-                warm.append(vm.boot_seconds)
+                warm.append(vm.boot_seconds or 0.0)
             vm.run("true")
     med = statistics.median
     return {"cold_boot_s": round(med(cold), 3), "warm_boot_s": round(med(warm), 3) if warm else None,
@@ -135,12 +139,23 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------ experiment
+def _experiment_list(as_json: bool) -> int:
+    """``python -m vmlab experiment list``: every registered experiment and what it measures."""
+    if as_json:
+        _print_json([{"name": k, "description": v} for k, v in experiments.DESCRIPTIONS.items()])
+        return 0
+    width = max(len(k) for k in experiments.REGISTRY)
+    for name, description in experiments.DESCRIPTIONS.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
-    from . import experiments
-    from .measure import save, to_json_rows
+    if args.name == "list":
+        return _experiment_list(args.json)
     progress = None if args.json else (lambda m: print(m, file=sys.stderr))
     t0 = time.monotonic()
-    df = experiments.run(args.name, quick=args.quick, progress=progress)
+    df = experiments.run_experiment(args.name, quick=args.quick, progress=progress)
     if args.save:
         path = save(df, args.name)
         print(f"saved {path}", file=sys.stderr)
@@ -156,7 +171,6 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from . import experiments
     p = argparse.ArgumentParser(prog="python -m vmlab", description="run and measure virtualization")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("doctor", help="what this machine can do, and fixes for what it cannot")
@@ -167,9 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--accel", default="auto", choices=["auto", "tcg", "kvm"])
     sub.add_parser("image", help="build or inspect the guest image (image build|status)", add_help=False)
-    e = sub.add_parser("experiment", help="run an experiment and print its rows")
-    e.add_argument("name", choices=sorted(experiments.REGISTRY),
-                   help="; ".join(f"{k}: {v}" for k, v in experiments.DESCRIPTIONS.items()))
+    e = sub.add_parser("experiment", help="run an experiment and print its rows (list: what there is)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="experiments:\n" + "\n".join(f"  {k:<10} {v}"
+                                                            for k, v in experiments.DESCRIPTIONS.items()))
+    e.add_argument("name", choices=["list", *sorted(experiments.REGISTRY)], metavar="NAME",
+                   help="an experiment (below), or `list` to list them")
     e.add_argument("--quick", action="store_true", help="seconds, not minutes (CI, first try)")
     e.add_argument("--json", action="store_true", help="print a JSON array of row objects")
     e.add_argument("--save", action="store_true", help="also save the rows as CSV in data/measured/")

@@ -21,20 +21,28 @@ the driver, not of the accelerator, so the count is the same under TCG and KVM
 
 Add a device: append a :class:`DeviceProfile` to ``PROFILES`` below (find its
 region names with ``trace=("memory_region_ops_*",)`` and a look at
-``vm.trace_log``); the experiments and notebooks pick it up.
+``vm.trace_log``); the experiments and notebooks pick it up. What the three
+contrasts share on the experiment side (booting a profile into the rows, the
+common columns, ratios beside published figures, the interventions plot) is in
+:mod:`vmlab.experiments.contrasts`; the live widget in :mod:`vmlab.widgets.devices`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import GuestError, SpecError, VMError
 from .spec import NIC, Disk, MachineSpec
+from .vm import VM
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .image import GuestImage
 
 KINDS = ("emulated", "paravirtual")
 CONTRASTS = ("disk", "console", "net")
@@ -221,7 +229,7 @@ def resolve(names: Optional[Iterable[str]], contrast: str, quick: bool) -> List[
     return out
 
 
-def table(contrast: Optional[str] = None):
+def table(contrast: Optional[str] = None) -> pd.DataFrame:
     """The profiles as a DataFrame (for notebooks)."""
     import pandas as pd
     return pd.DataFrame([p.row() for p in profiles(contrast)])
@@ -253,7 +261,7 @@ _LSPCI = ("for d in /sys/bus/pci/devices/*; do "
           "$(cat $d/subsystem_device 2>/dev/null || echo -) ${drv##*/}\"; done")
 
 
-def parse_lspci(text: str) -> List[Dict[str, str]]:
+def parse_lspci(text: str) -> List[Dict[str, Any]]:
     rows = []
     for line in text.splitlines():
         parts = line.split()
@@ -269,7 +277,7 @@ def parse_lspci(text: str) -> List[Dict[str, str]]:
     return rows
 
 
-def lspci(vm: Any):
+def lspci(vm: VM) -> pd.DataFrame:
     """What the guest sees on its PCI bus (vendor:device, class, bound driver) as a DataFrame."""
     import pandas as pd
     return pd.DataFrame(parse_lspci(vm.run(_LSPCI, timeout=30).stdout))
@@ -294,7 +302,8 @@ def parse_interrupts(text: str) -> Dict[str, Tuple[int, str]]:
         m = re.match(r"\s*(\d+):\s+(.*)$", line)
         if not m:
             continue
-        counts, rest = [], []
+        counts: List[int] = []
+        rest: List[str] = []
         for f in m.group(2).split():
             if not rest and f.isdigit():
                 counts.append(int(f))
@@ -339,7 +348,7 @@ def count_traps(data: bytes, profile: DeviceProfile, vdevs: Sequence[str] = ()) 
     return out
 
 
-def kvm_exit_stats(vm: Any) -> Tuple[Optional[Dict[str, int]], str]:
+def kvm_exit_stats(vm: VM) -> Tuple[Optional[Dict[str, int]], str]:
     """KVM's exit counters summed over vCPUs (QMP query-stats, QEMU >= 7.1), or (None, reason)."""
     if getattr(vm, "accel", None) != "kvm":
         return None, f"KVM exit counters exist only under KVM; this VM runs under {vm.accel or 'no'} accel"
@@ -363,7 +372,7 @@ class Probe:
         m = probe.measure("vmbench ...", count=True)   # -> Measurement
     """
 
-    def __init__(self, vm: Any, profile: DeviceProfile) -> None:
+    def __init__(self, vm: VM, profile: DeviceProfile) -> None:
         self.vm = vm
         self.profile = profile
         self.vdevs: List[str] = []
@@ -400,10 +409,10 @@ class Probe:
         if not counts:
             raise VMError(f"{self.profile.name}: the warm-up {command!r} kicked no virtio queue",
                           fix="is the device present in the guest? see devices.lspci(vm)")
-        self.vdevs = [max(counts, key=counts.get)]
+        self.vdevs = [max(counts, key=lambda k: counts[k])]
         return self.vdevs
 
-    def measure(self, command: str, *, count: bool, timeout: float = 300) -> "Measurement":
+    def measure(self, command: str, *, count: bool, timeout: float = 300) -> Measurement:
         """Run ``command`` (one JSON line on stdout); with ``count`` trace it and count interventions."""
         self.set_tracing(count)
         wrapped = (f"head -1 /proc/stat; cat /proc/interrupts; echo {_SPLIT}; {command}; echo {_SPLIT}; "
@@ -497,186 +506,9 @@ def _last_json(text: str, command: str) -> Dict[str, Any]:
     raise GuestError(f"{command!r} printed no JSON result: {text[-300:]!r}")
 
 
-def boot(profile: DeviceProfile, *, accel: str = "tcg", image: Any = None, **spec_kw: Any):
+def boot(profile: DeviceProfile, *, accel: str = "tcg", image: Optional[GuestImage] = None,
+         **spec_kw: Any) -> VM:
     """A started VM carrying ``profile`` (use it in ``with``)."""
-    from .machine import VM
     vm = VM(profile.spec(accel=accel, **spec_kw), image=image)
     vm.start()
     return vm
-
-
-def where(vm: Any) -> Dict[str, str]:
-    from .hostinfo import where as _where
-    return _where(vm.accel, vm.kernel_release)
-
-
-@contextlib.contextmanager
-def booted(profile: DeviceProfile, rows: Any = None, progress: Any = None, *, accel: str = "tcg",
-           image: Any = None, **spec_kw: Any) -> Iterator[Any]:
-    """A VM carrying ``profile``, started, with ``rows`` stamped with where it runs; shut down on exit.
-
-        for prof in profiles:
-            with booted(prof, rows, progress, accel=accel) as vm:
-                ...
-    """
-    from .measure import say
-    say(progress, f"{profile.contrast}: booting a VM with {profile.title}")
-    vm = boot(profile, accel=accel, image=image, **spec_kw)
-    try:
-        if rows is not None:
-            rows.where = where(vm)
-        yield vm
-    finally:
-        vm.shutdown()
-
-
-def common_row(profile: DeviceProfile, m: Measurement, *, bytes_moved: int, counted_bytes: int,
-               counted: Optional[Measurement]) -> Dict[str, Any]:
-    """Columns every device row shares (counts from ``counted``, maybe another run)."""
-    c = counted
-    mb = counted_bytes / 1e6 if counted_bytes else float("nan")
-    return {
-        "device": profile.name, "kind": profile.kind, "title": profile.title,
-        "host_cpu_s": round(m.host_cpu_s, 4),
-        "guest_cpu_s": m.guest_cpu_s if m.guest_cpu_s is not None else m.guest_busy_s,
-        "guest_busy_s": m.guest_busy_s, "wall_s": round(m.wall_s, 4),
-        "bytes": bytes_moved,
-        "interventions": c.interventions if c else None,
-        "traps": c.n_traps if c else None, "irqs": c.n_irqs if c else None,
-        "interventions_per_mb": (c.interventions / mb) if c and mb == mb else None,
-        "counted_bytes": counted_bytes if c else None,
-        "breakdown": c.breakdown() if c else "",
-        "kvm_exits": m.kvm_exits, "kvm_note": m.kvm_note,
-    }
-
-
-def reference_contrasts():
-    """Published device contrasts (data/reference/device_contrasts.csv): cited, never measured here."""
-    import pandas as pd
-    from .measure import DATA_DIR
-    return pd.read_csv(DATA_DIR / "reference" / "device_contrasts.csv")
-
-
-# ---------------------------------------------------------------------------
-# Notebook helpers: ratios beside published figures, interventions plot, a widget
-# ---------------------------------------------------------------------------
-_PAIRS = {"disk": [("ide-pio", "virtio-blk"), ("ide-dma", "virtio-blk"), ("ahci", "virtio-blk"),
-                   ("nvme", "virtio-blk")],
-          "console": [("uart", "virtio-console")],
-          "net": [("e1000", "virtio-net"), ("rtl8139", "virtio-net")]}
-_GROUP = {"disk": ["mode", "pattern", "bs"], "console": [], "net": ["direction", "size_bytes"]}
-
-
-def measured_ratios(df, contrast: str):
-    """Paravirtual-vs-emulated ratios from a frame: throughput (para/emu, >1 = paravirtual faster)
-    and interventions per MB (emu/para, >1 = paravirtual needs fewer)."""
-    import pandas as pd
-    by = [c for c in _GROUP[contrast] if c in df.columns]
-    med = df.groupby(by + ["device"], dropna=False)[["throughput_mb_s", "interventions_per_mb"]].median()
-    rows = []
-    for emu, para in _PAIRS[contrast]:
-        if emu not in set(df.device) or para not in set(df.device):
-            continue
-        keys = sorted({k[:-1] if by else () for k in med.index}) if by else [()]
-        for key in keys:
-            try:
-                e = med.loc[tuple(key) + (emu,)] if by else med.loc[emu]
-                p = med.loc[tuple(key) + (para,)] if by else med.loc[para]
-            except KeyError:
-                continue
-            rows.append({**dict(zip(by, key)), "emulated": emu, "paravirtual": para,
-                         "throughput_ratio": p["throughput_mb_s"] / e["throughput_mb_s"]
-                         if e["throughput_mb_s"] else None,
-                         "interventions_ratio": e["interventions_per_mb"] / p["interventions_per_mb"]
-                         if p["interventions_per_mb"] else None})
-    out = pd.DataFrame(rows)
-    if len(out) and "accel" in df:
-        out["accel"] = df["accel"].iloc[0]
-    return out
-
-
-def reference_for(contrast: str):
-    """The published rows for a contrast (disk: virtio-blk vs IDE; net: virtio-net vs e1000)."""
-    ref = reference_contrasts()
-    key = {"disk": "blk|IDE", "net": "net|e1000|I/O devices", "console": "console"}[contrast]
-    sub = ref[ref["contrast"].str.contains(key, case=False, regex=True)]
-    return sub[["contrast", "metric", "ratio", "ratio_high", "bound", "tool", "context", "source", "verified"]]
-
-
-def plot_interventions(df, ax=None, *, by: Optional[str] = None, per: str = "mb"):
-    """Interventions per MB (or per byte) per device, split into traps and interrupts; log scale."""
-    import matplotlib.pyplot as plt
-    from .plots import KIND_COLORS, style, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3.5))
-    d = df.copy()
-    scale = d["counted_bytes"] / (1e6 if per == "mb" else 1.0)
-    d["traps_per"] = d["traps"] / scale
-    d["irqs_per"] = d["irqs"] / scale
-    keys = ["device", "kind"] + ([by] if by else [])
-    g = d.groupby(keys, sort=False)[["traps_per", "irqs_per"]].median().reset_index()
-    labels = g["device"] + ((" " + g[by].astype(str)) if by else "")
-    x = range(len(g))
-    ax.bar(x, g["traps_per"], color=[KIND_COLORS.get(k) for k in g["kind"]], label="traps (register accesses, kicks)")
-    ax.bar(x, g["irqs_per"], bottom=g["traps_per"], color="#999999", label="interrupts")
-    ax.set_xticks(list(x), labels, rotation=20, ha="right")
-    unit = "MB" if per == "mb" else "byte"
-    style(ax, title=f"Interventions per {unit} moved", xlabel="device",
-          ylabel=f"interventions per {unit} (count/{unit})", log="y", source=where_label(df))
-    ax.legend(fontsize=8)
-    return ax
-
-
-def widget(contrast: str, *, accel: str = "auto"):
-    """Choose devices and sizes, run the contrast live, see the plot and the table."""
-    import ipywidgets as W
-    from IPython.display import display
-    from . import experiments
-    names = [p.name for p in profiles(contrast)]
-    devs = W.SelectMultiple(options=names, value=tuple(QUICK_DEVICES[contrast]), description="devices",
-                            rows=min(6, len(names)))
-    if contrast == "disk":
-        size = W.Dropdown(options=[("1 MiB", 1 << 20), ("2 MiB", 2 << 20), ("8 MiB", 8 << 20)],
-                          value=2 << 20, description="total")
-        extra = W.Dropdown(options=[("4 KiB", 4096), ("64 KiB", 65536), ("256 KiB", 262144)], value=65536,
-                           description="block")
-    elif contrast == "console":
-        size = W.Dropdown(options=[("16 KiB", 16 << 10), ("64 KiB", 64 << 10), ("256 KiB", 256 << 10)],
-                          value=64 << 10, description="bytes")
-        extra = W.Dropdown(options=[("1 KiB", 1024), ("4 KiB", 4096)], value=4096, description="write size")
-    else:
-        size = W.Dropdown(options=[("500", 500), ("2000", 2000), ("10000", 10000)], value=2000,
-                          description="packets")
-        extra = W.Dropdown(options=[("64 B", 64), ("1472 B", 1472)], value=1472, description="payload")
-    button = W.Button(description="Run", button_style="primary")
-    out = W.Output()
-
-    def go(_):
-        import matplotlib.pyplot as plt
-        out.clear_output()
-        button.disabled = True
-        with out:
-            try:
-                opts: Dict[str, Any] = {"devices": list(devs.value), "accel": accel, "repeats": 1,
-                                        "progress": print}
-                if contrast == "disk":
-                    opts.update(total=size.value, bs=[extra.value])
-                elif contrast == "console":
-                    opts.update(sizes=[size.value], bs=extra.value)
-                else:
-                    opts.update(count=size.value, sizes=[extra.value])
-                df = experiments.get(contrast)(quick=True, **opts)
-                mod = __import__(f"vmlab.experiments.{contrast}", fromlist=["plot"])
-                mod.plot(df)
-                plt.show()
-                plot_interventions(df)
-                plt.show()
-                display(measured_ratios(df, contrast))
-            except Exception as exc:  # shown, never raised out of a callback
-                print(f"failed: {exc}")
-            finally:
-                button.disabled = False
-
-    button.on_click(go)
-    box = W.VBox([W.HBox([devs, W.VBox([size, extra, button])]), out])
-    return box

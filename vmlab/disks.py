@@ -14,59 +14,34 @@ lesson can call in one line and that return plain Python values:
 Every file is created with user-only permissions (0600), before qemu-img
 writes to it, so no other user can read a disk even for a moment.
 
-:func:`measure_thin_provisioning` and :func:`measure_overlay` are the
-experiments of the virtual-disk lesson (``01.01``): they boot a real guest.
+The experiments of the virtual-disk lesson (``01.01``: thin provisioning,
+overlays), which boot a real guest, are in :mod:`vmlab.experiments.thin`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-from .errors import SetupError, SpecError, VMLabError
-from .measure import Progress, Rows, say
-from .qemu import qemu_img
+from .errors import DiskError, SpecError
 from .spec import DISK_FORMATS, parse_size
+from .tools import need_tool, qemu_img, run_tool
 
 PathLike = Union[str, Path]
 MiB = 1 << 20
 
 
-class DiskError(VMLabError):
-    """A disk tool (qemu-img, mke2fs, e2fsck, debugfs) failed; ``.stderr`` says why."""
-
-    def __init__(self, message: str, *, stderr: str = "", fix: Optional[str] = None) -> None:
-        self.stderr = stderr
-        super().__init__(message + (f": {stderr.strip()[-400:]}" if stderr.strip() else ""), fix=fix)
-
-
 # ----------------------------------------------------------------- helpers
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}")
-                                       if os.access(p, os.X_OK)), None)
-    if not path:
-        raise SetupError(f"{name} is not installed", fix=f"apt-get install {package}")
-    return path
-
-
 def _run(argv: Sequence[str], what: str, *, ok: Sequence[int] = (0,), fix: Optional[str] = None,
-         timeout: float = 300) -> subprocess.CompletedProcess:
-    try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise DiskError(f"{what} took longer than {timeout:g} s", fix=fix) from exc
-    if res.returncode not in ok:
-        raise DiskError(f"{what} failed (exit status {res.returncode})", stderr=res.stderr or res.stdout,
-                        fix=fix)
-    return res
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a disk tool (text output); a failure is a DiskError with the tool's stderr."""
+    return run_tool(argv, what=what, ok=ok, fix=fix, timeout=timeout, text=True, error=DiskError)
 
 
 def _new_private_file(path: Path, overwrite: bool) -> None:
@@ -119,7 +94,7 @@ def create_image(path: PathLike, size: Union[int, str] = "64M", fmt: str = "qcow
     if preallocation:
         argv += ["-o", f"preallocation={preallocation}"]
     try:
-        _run(argv + [str(p), str(nbytes)], f"qemu-img create {p.name}", fix="check free space and the path")
+        _run([*argv, str(p), str(nbytes)], f"qemu-img create {p.name}", fix="check free space and the path")
     except BaseException:
         p.unlink(missing_ok=True)
         raise
@@ -196,7 +171,7 @@ def convert(src: PathLike, dest: PathLike, fmt: str = "qcow2", *, overwrite: boo
 
 # ------------------------------------------------ host-side reads/writes
 def _qemu_io() -> str:
-    return _tool("qemu-io", "qemu-utils")
+    return need_tool("qemu-io")
 
 
 def host_write(path: PathLike, offset: int, data: bytes) -> None:
@@ -322,7 +297,7 @@ def fsck_ext4(path: PathLike) -> Dict[str, Any]:
     Run it only while no VM is using the image.
     """
     p = _existing(path)
-    res = _run([_tool("e2fsck", "e2fsprogs"), "-n", "-f", str(p)], f"e2fsck {p.name}", ok=range(0, 9))
+    res = _run([need_tool("e2fsck"), "-n", "-f", str(p)], f"e2fsck {p.name}", ok=range(0, 9))
     return {"ok": res.returncode == 0, "exit_status": res.returncode,
             "output": (res.stdout + res.stderr).strip()}
 
@@ -333,14 +308,12 @@ def ext4_read(path: PathLike, guest_path: str) -> Optional[bytes]:
     p = _existing(path)
     if not guest_path.startswith("/") or any(c in guest_path for c in "\n\"'"):
         raise SpecError("guest_path", f"{guest_path!r} is not an absolute path", fix='e.g. "/data.txt"')
-    dbg = _tool("debugfs", "e2fsprogs")
-    st = subprocess.run([dbg, "-R", f"stat \"{guest_path}\"", str(p)], capture_output=True, text=True)
+    dbg = need_tool("debugfs")
+    st = _run([dbg, "-R", f"stat \"{guest_path}\"", str(p)], f"debugfs stat {guest_path}", ok=range(256))
     if "File not found" in st.stderr or "File not found" in st.stdout or st.returncode:
         return None
-    res = subprocess.run([dbg, "-R", f"cat \"{guest_path}\"", str(p)], capture_output=True)
-    if res.returncode:
-        raise DiskError(f"debugfs could not read {guest_path}", stderr=res.stderr.decode(errors="replace"))
-    return res.stdout
+    return run_tool([dbg, "-R", f"cat \"{guest_path}\"", str(p)], what=f"debugfs cat {guest_path}",
+                    error=DiskError).stdout
 
 
 def make_ext4(path: PathLike, size: Union[int, str] = "64M", *, source_dir: Optional[PathLike] = None,
@@ -357,7 +330,7 @@ def make_ext4(path: PathLike, size: Union[int, str] = "64M", *, source_dir: Opti
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,16}", label):
         raise SpecError("label", f"{label!r} is not a usable file-system label", fix="at most 16 letters/digits")
     _new_private_file(p, overwrite)
-    argv = [_tool("mke2fs", "e2fsprogs"), "-q", "-F", "-t", "ext4", "-L", label,
+    argv = [need_tool("mke2fs"), "-q", "-F", "-t", "ext4", "-L", label,
             "-E", "root_owner=0:0"]
     if source_dir is not None:
         d = Path(source_dir)
@@ -365,124 +338,10 @@ def make_ext4(path: PathLike, size: Union[int, str] = "64M", *, source_dir: Opti
             raise SpecError("source_dir", f"{d} is not a directory", fix="unpack the tree first")
         argv += ["-d", str(d)]
     try:
-        _run(argv + [str(p), f"{nbytes // 1024}k"], f"mke2fs {p.name}",
+        _run([*argv, str(p), f"{nbytes // 1024}k"], f"mke2fs {p.name}",
              fix="check free space; the tree must fit in the size given")
     except BaseException:
         p.unlink(missing_ok=True)
         raise
     os.chmod(p, 0o600)
     return p
-
-
-# ------------------------------------------------------ lesson experiments
-def _where_rows(name: str, vm: Any) -> Rows:
-    from .hostinfo import where
-    return Rows(name, where(vm.accel or "tcg", vm.kernel_release))
-
-
-def measure_thin_provisioning(total_mib: int = 64, step_mib: int = 8, *, virtual_size: str = "256M",
-                              fmt: str = "qcow2", directory: Optional[PathLike] = None,
-                              image: Any = None, progress: Progress = None):
-    """Boot a guest with an empty ``fmt`` disk, write ``step_mib`` MiB at a time
-    (``dd ... oflag=direct`` to the raw device), and record the image's host
-    allocation after each step.
-
-    Returns a DataFrame: ``written_mib`` (guest), ``allocated_mib`` (host,
-    ``actual-size``), ``virtual_mib`` (the guest's disk size), ``format``,
-    ``write_s`` (guest dd wall time), plus where-it-ran columns.
-    """
-    from .machine import VM
-    from .spec import Disk
-    if not (0 < step_mib <= total_mib):
-        raise SpecError("step_mib", f"{step_mib} must be between 1 and total_mib ({total_mib})", fix="e.g. 8")
-    if total_mib * MiB > parse_size(virtual_size, "virtual_size"):
-        raise SpecError("total_mib", f"{total_mib} MiB does not fit in a {virtual_size} disk",
-                        fix="write less, or make the disk bigger")
-    with _workdir(directory) as d:
-        path = create_image(d / f"thin.{fmt}", virtual_size, fmt)
-        with VM(accel="tcg", name="thin", image=image, disks=[Disk(path=path, cache="none")]) as vm:
-            rows = _where_rows("thin-provisioning", vm)
-            with rows.guard():
-                i0 = info(path)
-                rows.add(format=fmt, written_mib=0, allocated_mib=i0["actual_size"] / MiB,
-                         virtual_mib=i0["virtual_size"] / MiB, write_s=0.0)
-                written = 0
-                while written < total_mib:
-                    n = min(step_mib, total_mib - written)
-                    r = vm.run(f"dd if=/dev/urandom of=/dev/vda bs=1M count={n} seek={written} "
-                               f"oflag=direct conv=notrunc 2>/dev/null", timeout=120)
-                    written += n
-                    i = info(path)
-                    rows.add(format=fmt, written_mib=written, allocated_mib=i["actual_size"] / MiB,
-                             virtual_mib=i["virtual_size"] / MiB, write_s=r.wall_s)
-                    say(progress, f"{fmt}: wrote {written} MiB, host allocation {i['actual_size'] / MiB:.1f} MiB")
-        return rows.frame()
-
-
-def measure_overlay(write_mib: int = 8, *, base_size: str = "64M", directory: Optional[PathLike] = None,
-                    image: Any = None, progress: Progress = None) -> Dict[str, Any]:
-    """A golden base image, a qcow2 overlay over it, a guest that writes to the overlay.
-
-    Returns the base's hash before and after (unchanged), the overlay's
-    allocation before and after the write, and what the guest reads back.
-    """
-    from .machine import VM
-    from .spec import Disk
-    with _workdir(directory) as d:
-        base = create_image(d / "golden.qcow2", base_size, "qcow2")
-        # put a recognisable pattern in the base, with a VM, then seal it
-        with VM(accel="tcg", name="golden", image=image, disks=[Disk(path=base)]) as vm:
-            vm.run("printf 'GOLDEN-BASE' | dd of=/dev/vda bs=512 seek=0 conv=notrunc 2>/dev/null; sync")
-        before = sha256(base)
-        top = create_overlay(base, d / "throwaway.qcow2")
-        top_before = allocated_bytes(top)
-        with VM(accel="tcg", name="overlay", image=image, disks=[Disk(path=top)]) as vm:
-            seen = vm.run("dd if=/dev/vda bs=11 count=1 2>/dev/null").stdout
-            vm.run(f"dd if=/dev/urandom of=/dev/vda bs=1M count={write_mib} seek=1 oflag=direct 2>/dev/null")
-            vm.run("printf 'CHANGED-BY-VM' | dd of=/dev/vda bs=512 seek=0 conv=notrunc oflag=direct 2>/dev/null")
-            after_read = vm.run("dd if=/dev/vda bs=13 count=1 2>/dev/null").stdout
-            say(progress, f"overlay: the guest wrote {write_mib} MiB")
-        out = {"base_sha256_before": before, "base_sha256_after": sha256(base),
-               "base_unchanged": before == sha256(base),
-               "guest_saw_base_data": seen, "guest_read_after_write": after_read,
-               "overlay_bytes_before": top_before, "overlay_bytes_after": allocated_bytes(top),
-               "base_bytes": allocated_bytes(base), "overlay_backing": info(top)["backing"],
-               "overlay_check": check(top)["ok"], "write_mib": write_mib}
-        return out
-
-
-@contextlib.contextmanager
-def _workdir(directory: Optional[PathLike]) -> Iterator[Path]:
-    if directory is not None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        yield d
-        return
-    d = Path(tempfile.mkdtemp(prefix="vmlab-disks-"))
-    os.chmod(d, 0o700)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def plot_thin_provisioning(df: Any, ax: Any = None) -> Any:
-    """Host allocation vs bytes the guest wrote, one line per format, with the virtual size."""
-    import matplotlib.pyplot as plt
-    from .plots import OKABE_ITO, style, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.6))
-    looks = {"qcow2": (OKABE_ITO[4], "o", "-"), "raw": (OKABE_ITO[0], "s", "--")}
-    for k, (fmt, g) in enumerate(df.groupby("format")):
-        g = g.sort_values("written_mib")
-        color, marker, line = looks.get(fmt, (OKABE_ITO[(2 + k) % 8], "^", "-."))
-        ax.plot(g["written_mib"], g["allocated_mib"], marker=marker, linestyle=line, color=color,
-                markerfacecolor="none" if fmt == "raw" else color, label=f"{fmt}: allocated on the host")
-    vmax = float(df["virtual_mib"].max())
-    ax.axhline(vmax, color=OKABE_ITO[5], linestyle=":", linewidth=2, label=f"virtual size ({vmax:.0f} MiB)")
-    top = float(df["written_mib"].max())
-    ax.plot([0, top], [0, top], color="#999999", linewidth=6, alpha=0.3, label="allocated = written")
-    ax.legend(fontsize=8, loc="center right")
-    return style(ax, title="Thin provisioning: the image grows as the guest writes",
-                 xlabel="MiB written by the guest", ylabel="MiB allocated on the host",
-                 source=where_label(df))

@@ -21,8 +21,14 @@ The tree::
      |    +-- StateError        the operation is not valid in the current run state
      |    +-- GuestError        the guest agent reported a failure, or a command
      |                          run with check=True exited non-zero (.result)
+     +-- ToolError              a host tool (qemu-img, mke2fs, gcc...) ran and failed;
+     |    |                     .command, .exit_code, .stderr (its tail)
+     |    +-- DiskError         a disk tool (qemu-img, qemu-io, e2fsprogs) failed
      +-- ExperimentError        an experiment failed part way; .rows keeps the
                                 rows measured so far (a pandas DataFrame)
+
+A tool that is missing altogether is a SetupError (the fix names the Debian
+package); one that fails while building the guest image is an ImageError.
 """
 
 from __future__ import annotations
@@ -135,6 +141,27 @@ class GuestError(VMError):
     def __init__(self, message: str, *, result: Any = None, **kw: Any) -> None:
         self.result = result
         super().__init__(message, **kw)
+
+
+class ToolError(VMLabError):
+    """A host tool ran and failed (non-zero exit, timeout); ``.stderr`` says why.
+
+    The message ends with the tail of the tool's stderr (or stdout), indented.
+    """
+
+    def __init__(self, message: str, *, fix: Optional[str] = None, stderr: str = "",
+                 command: Optional[Sequence[str]] = None, exit_code: Optional[int] = None) -> None:
+        self.stderr = stderr or ""
+        self.command = [str(c) for c in command] if command else []
+        self.exit_code = exit_code
+        detail = _tail(self.stderr, 15).strip()
+        if detail:
+            message += "\n    " + detail.replace("\n", "\n    ")
+        super().__init__(message, fix=fix)
+
+
+class DiskError(ToolError):
+    """A disk tool (qemu-img, qemu-io, mke2fs, e2fsck, debugfs) failed; ``.stderr`` says why."""
 
 
 class ExperimentError(VMLabError):

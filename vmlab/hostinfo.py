@@ -9,6 +9,9 @@ import shutil
 import subprocess
 from typing import Dict, Optional
 
+from .errors import VMLabError
+from .tools import qemu_version
+
 
 @functools.lru_cache(maxsize=1)
 def host_cpu() -> str:
@@ -67,10 +70,9 @@ def host_virtualization() -> Dict[str, object]:
 
 def where(accel: str, kernel_release: Optional[str] = None) -> Dict[str, str]:
     """The columns every measurement carries."""
-    from .qemu import qemu_version
     try:
         qv = qemu_version()
-    except Exception:
+    except VMLabError:
         qv = "unknown"
     return {"accel": accel, "qemu": qv, "guest_kernel": kernel_release or "",
             "host_kernel": platform.release(), "host_cpu": host_cpu(),

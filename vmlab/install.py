@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from .errors import SpecError, VMLabError
+from .errors import DiskError, SpecError, VMLabError
 from .spec import NIC, Disk, MachineSpec, parse_size
+from .tools import need_tool
 
 PathLike = Union[str, Path]
 GUEST_ADDRESS = "10.0.2.15/24"   # QEMU user networking: the guest's usual address
@@ -60,7 +61,7 @@ class GuestConfig:
     index_html: str = "<h1>Hello from {hostname}</h1>\n"
     files: Mapping[str, Union[str, bytes]] = field(default_factory=dict)
 
-    def validated(self) -> "GuestConfig":
+    def validated(self) -> GuestConfig:
         if not isinstance(self.hostname, str) or not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
                                                                   self.hostname):
             raise SpecError("hostname", f"{self.hostname!r} is not a valid host name",
@@ -112,7 +113,7 @@ def config_files(cfg: GuestConfig) -> Dict[str, bytes]:
 
 
 def _is_exec(guest_path: str) -> bool:
-    return guest_path.startswith("/etc/vmlab/") and not guest_path.endswith("installed-by") \
+    return (guest_path.startswith("/etc/vmlab/") and not guest_path.endswith("installed-by")) \
         or guest_path.endswith(".sh") or guest_path.startswith("/www/cgi-bin/")
 
 
@@ -163,10 +164,11 @@ def install_guest(path: PathLike, cfg: Optional[GuestConfig] = None, *, size: Un
 def configure_disk(path: PathLike, files: Mapping[str, Union[str, bytes]]) -> None:
     """Change files on an installed (and unused) ext4 disk from the host, with
     ``debugfs -w``: no root, no mount. Use it to reconfigure a powered-off VM."""
-    from .disks import DiskError, _existing, _tool
     import subprocess
+
+    from .disks import _existing
     p = _existing(path)
-    dbg = _tool("debugfs", "e2fsprogs")
+    dbg = need_tool("debugfs")
     with tempfile.TemporaryDirectory(prefix="vmlab-cfg-") as tmp:
         cmds = []
         made: set = set()

@@ -27,6 +27,7 @@ import os
 import re
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -34,7 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .hostview import status_kb
+from . import config
+from .config import atomic_write
+from .procfs import comm, descendants, status_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -284,46 +287,12 @@ def nav(directory: Path = NOTEBOOKS, check: bool = False) -> List[Path]:
     plan = nav_plan(directory)
     if not check:
         for p, nb in plan.items():
-            tmp = p.with_suffix(".ipynb.tmp")
-            nbformat.write(nb, str(tmp))
-            os.replace(tmp, p)
+            text = nbformat.writes(nb)
+            atomic_write(p, text if text.endswith("\n") else text + "\n", mode=stat.S_IMODE(p.stat().st_mode))
     return sorted(plan)
 
 
 # ===================================================================== rendering
-def _proc_children() -> Dict[int, List[int]]:
-    kids: Dict[int, List[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def descendants(pid: int) -> List[int]:
-    kids = _proc_children()
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 class QemuPoller(threading.Thread):
     """Polls the process tree under *pid* for QEMU processes: peak RSS of one, peak sum, count."""
 
@@ -346,7 +315,7 @@ class QemuPoller(threading.Thread):
         tree = descendants(self.pid)
         self.known = tree
         for p in tree:
-            if _comm(p).startswith("qemu"):
+            if comm(p).startswith("qemu"):
                 self.seen.add(p)
                 hwm = status_kb(p, "VmHWM")   # the kernel's own peak for this process
                 total += status_kb(p, "VmRSS")
@@ -402,10 +371,8 @@ def render_one(src: Path, out_dir: Path, *, quick: bool, timeout: int,
                progress: Callable[[str], None] = print) -> Dict[str, Any]:
     """Execute and render one notebook in a child process; returns its timing row."""
     out_html = out_dir / (src.stem + ".html")
-    env = dict(os.environ, VMLAB_QUICK="1" if quick else os.environ.get("VMLAB_QUICK", "0"),
+    env = dict(os.environ, VMLAB_QUICK="1" if quick or config.quick() else "0",
                PYTHONUNBUFFERED="1", MPLBACKEND="module://matplotlib_inline.backend_inline")
-    if quick:
-        env["VMLAB_QUICK"] = "1"
     cmd = [sys.executable, "-m", "vmlab.lessons", "_execute", str(src), str(out_html),
            "--timeout", str(timeout)] + (["--quick"] if quick else [])
     cpu0, t0 = _cpu_now(), time.monotonic()
@@ -422,15 +389,15 @@ def render_one(src: Path, out_dir: Path, *, quick: bool, timeout: int,
     except subprocess.TimeoutExpired:
         status, detail = "timeout", f"did not finish within {timeout} s"
         poller.poll()
-        _kill_tree([proc.pid] + poller.known)
+        _kill_tree([proc.pid, *poller.known])
         out, _ = proc.communicate()
     finally:
         poller.stop()
         poller.join(2)
     seconds = time.monotonic() - t0
     cpu = _cpu_now() - cpu0
-    left = [p for p in descendants(proc.pid) if _comm(p).startswith("qemu")]
-    row = {"notebook": src.name, "seconds": round(seconds, 1), "status": status,
+    left = [p for p in descendants(proc.pid) if comm(p).startswith("qemu")]
+    row: Dict[str, Any] = {"notebook": src.name, "seconds": round(seconds, 1), "status": status,
            "peak_qemu_rss_mb": round(poller.peak_one_kb / 1024, 1) if poller.seen else "",
            "peak_qemu_total_rss_mb": round(poller.peak_total_kb / 1024, 1) if poller.seen else "",
            "qemu_processes": len(poller.seen), "cpu_s": round(cpu, 1),
@@ -575,8 +542,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             execute_one(args.src, args.out, args.timeout, args.quick)
         except Exception as exc:  # the parent reports it
-            if getattr(exc, "ename", None):     # nbclient's CellExecutionError: the cell's own error
-                print(f"{exc.ename}: {exc.evalue}", file=sys.stderr)
+            ename = getattr(exc, "ename", None)     # nbclient's CellExecutionError: the cell's own error
+            if ename:
+                print(f"{ename}: {getattr(exc, 'evalue', '')}", file=sys.stderr)
             else:
                 print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
@@ -590,8 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [r for r in rows if r["status"] != "ok"]
     w = max(len(r["notebook"]) for r in rows)
     print(f"\n{'notebook':<{w}}  {'seconds':>7}  {'status':<7}  {'peak QEMU RSS MB':>16}  {'CPU s':>6}")
-    for r in rows:
-        print(f"{r['notebook']:<{w}}  {r['seconds']:>7}  {r['status']:<7}  {str(r['peak_qemu_rss_mb']):>16}  {r['cpu_s']:>6}")
+    for row in rows:
+        print(f"{row['notebook']:<{w}}  {row['seconds']:>7}  {row['status']:<7}  {row['peak_qemu_rss_mb']!s:>16}  "
+              f"{row['cpu_s']:>6}")
     print(f"total {time.monotonic() - t0:.0f} s; HTML in {args.out}/index.html")
     if bad:
         print(f"{len(bad)} notebook(s) failed: " + ", ".join(r["notebook"] for r in bad), file=sys.stderr)

@@ -70,7 +70,7 @@ class Rows:
         return pd.DataFrame(self.rows)
 
     @contextlib.contextmanager
-    def guard(self) -> Iterator["Rows"]:
+    def guard(self) -> Iterator[Rows]:
         try:
             yield self
         except ExperimentError:

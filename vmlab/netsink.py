@@ -168,7 +168,7 @@ class NetSink:
         self.error: Optional[BaseException] = None
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self) -> "NetSink":
+    def start(self) -> NetSink:
         self.sock.settimeout(0.2)
         self._thread = threading.Thread(target=self._loop, name="vmlab-netsink", daemon=True)
         self._thread.start()
@@ -179,7 +179,7 @@ class NetSink:
         if self._thread:
             self._thread.join(5)
 
-    def __enter__(self) -> "NetSink":
+    def __enter__(self) -> NetSink:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -200,7 +200,7 @@ class NetSink:
             while view:
                 try:
                     n = self.sock.send(view)
-                except socket.timeout:
+                except TimeoutError:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"QEMU took no frames for {timeout:.0f} s") from None
                     continue
@@ -214,7 +214,7 @@ class NetSink:
             while not self._stop.is_set():
                 try:
                     data = self.sock.recv(1 << 20)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     break

@@ -2,17 +2,36 @@
 (Okabe & Ito), emulated vs paravirtual colours, labelled axes with units.
 
 Lesson-specific plots live beside their experiment (e.g. ``plot_*`` functions in
-``vmlab/experiments/disk.py``) and use these helpers.
+``vmlab/experiments/disk.py``) and use these helpers. Every plot function takes
+an optional ``ax`` and starts the same way::
+
+    def plot_thing(df, ax=None):
+        ax = plots.axes(ax, figsize=(7, 4))     # the caller's axes, or a new figure's
+        ...
+        return plots.style(ax, title=..., ylabel=..., source=plots.where_label(df))
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies.
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 KIND_COLORS = {"emulated": "#D55E00", "paravirtual": "#0072B2", "native": "#000000",
                "tcg": "#E69F00", "kvm": "#009E73"}
+
+
+def figure(figsize: Tuple[float, float] = (7, 4), nrows: int = 1, ncols: int = 1) -> Tuple[Any, Any]:
+    """A new figure and its axes (one ``Axes``, or an array of them for ``nrows``/``ncols`` > 1)."""
+    import matplotlib.pyplot as plt
+    return plt.subplots(nrows, ncols, figsize=figsize)
+
+
+def axes(ax: Any = None, *, figsize: Tuple[float, float] = (7, 4), nrows: int = 1, ncols: int = 1) -> Any:
+    """The axes a plot function draws on: the caller's ``ax`` if given, else those of a new figure."""
+    if ax is not None:
+        return ax
+    return figure(figsize, nrows, ncols)[1]
 
 
 def color_for(key: str, index: int = 0) -> str:

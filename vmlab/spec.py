@@ -4,7 +4,7 @@ A :class:`MachineSpec` says what the learner wants (memory, vCPUs, disks and
 their bus, NICs and their model, the console...). :func:`MachineSpec.validated`
 checks every field and raises :class:`~vmlab.errors.SpecError` naming the field
 and the fix, so bad input never reaches QEMU. Turning a spec into a QEMU
-command line is :mod:`vmlab.qemu`'s job.
+command line is :mod:`vmlab.vm.qemu`'s job.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Disk:
     cache: str = "none"          # host page cache bypassed: what the guest measures is the device
     serial: Optional[str] = None
 
-    def validated(self, index: int) -> "Disk":
+    def validated(self, index: int) -> Disk:
         f = f"disks[{index}]"
         _choice(f + ".bus", self.bus, DISK_BUSES, "disk bus")
         _check_bool(f + ".readonly", self.readonly)
@@ -169,7 +169,7 @@ class NIC:
     forwards: Tuple[Tuple[int, int], ...] = ()
     mac: Optional[str] = None
 
-    def validated(self, index: int) -> "NIC":
+    def validated(self, index: int) -> NIC:
         f = f"nics[{index}]"
         _choice(f + ".model", self.model, tuple(NIC_MODELS), "NIC model")
         _choice(f + ".backend", self.backend, NIC_BACKENDS, "NIC backend")
@@ -229,7 +229,7 @@ class MachineSpec:
     def memory_mb(self) -> int:
         return parse_size(self.memory, "memory") >> 20
 
-    def validated(self) -> "MachineSpec":
+    def validated(self) -> MachineSpec:
         """Return a normalised copy, or raise SpecError naming the field and the fix."""
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", self.name):
             raise SpecError("name", f"{self.name!r} is not a usable VM name",
@@ -280,7 +280,7 @@ class MachineSpec:
         return dataclasses.replace(self, memory=mem >> 20, disks=disks, nics=nics, modules=modules,
                                    trace=trace, extra_args=extra)
 
-    def with_(self, **changes: Any) -> "MachineSpec":
+    def with_(self, **changes: Any) -> MachineSpec:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 

@@ -51,7 +51,7 @@ while True:
         sys.exit(3)
     try:
         chunk = sock.recv(65536)
-    except socket.timeout:
+    except TimeoutError:
         continue
     if not chunk:
         sys.exit(0)

@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from vmlab import VM  # noqa: E402
+from vmlab import VM
 
 
 def main() -> None:

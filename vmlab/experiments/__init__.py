@@ -5,21 +5,30 @@ To add one: write ``vmlab/experiments/NAME.py`` with
     def run(quick: bool = False, progress=None, **options) -> pandas.DataFrame
 
 (one row per device/setting x repeat x size; stamp rows with where-it-ran
-columns via vmlab.measure.Rows) and list it in REGISTRY below. The CLI
-``python -m vmlab experiment NAME [--quick] [--json]`` then runs it.
+columns via vmlab.measure.Rows) and register it below. The CLI
+``python -m vmlab experiment NAME [--quick] [--json]`` then runs it, and
+``python -m vmlab experiment list`` lists it.
+
+    from vmlab.experiments import run_experiment
+    df = run_experiment("clocks", quick=True)
+
+Modules are imported when an experiment is run, so listing them (the CLI's
+``--help``) imports none of them.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from ..errors import SpecError
+from ..measure import Progress
 
-REGISTRY: Dict[str, str] = {
-    # name: (module, one-line description)
-}
-DESCRIPTIONS: Dict[str, str] = {}
+if TYPE_CHECKING:
+    import pandas as pd
+
+REGISTRY: Dict[str, str] = {}       # name -> module
+DESCRIPTIONS: Dict[str, str] = {}   # name -> one line
 
 
 def register(name: str, module: str, description: str) -> None:
@@ -35,9 +44,14 @@ register("lifecycle", "vmlab.experiments.lifecycle", "boot and shutdown from eit
 register("sharing", "vmlab.experiments.sharing", "N VMs sharing the host's cores and memory")
 register("hosted", "vmlab.experiments.hosted",
          "bare metal vs hosted: path of work (native / KVM / TCG) and a noisy neighbour")
+register("clocks", "vmlab.experiments.clocks", "cost of reading the time under each clocksource (TSC, HPET, PM timer)")
+register("balloon", "vmlab.experiments.balloon", "a virtio-balloon inflating and deflating: guest's and host's view")
+register("awareness", "vmlab.experiments.awareness", "what a guest can tell about being virtualized (CPUID, dmesg)")
+register("thin", "vmlab.experiments.thin", "thin provisioning: host allocation of qcow2 and raw images as the guest writes")
 
 
-def get(name: str) -> Callable[..., Any]:
+def get(name: str) -> Callable[..., pd.DataFrame]:
+    """The ``run`` function of a registered experiment (SpecError naming the choices if unknown)."""
     if name not in REGISTRY:
         raise SpecError("experiment", f"unknown experiment {name!r}", fix="one of: " + ", ".join(REGISTRY))
     try:
@@ -47,8 +61,10 @@ def get(name: str) -> Callable[..., Any]:
             raise SpecError("experiment", f"experiment {name!r} is not built yet",
                             fix="see `python -m vmlab experiment --help` for those available") from exc
         raise
-    return mod.run
+    run: Callable[..., pd.DataFrame] = mod.run
+    return run
 
 
-def run(name: str, quick: bool = False, progress: Optional[Callable[[str], None]] = None, **options: Any):
+def run_experiment(name: str, quick: bool = False, progress: Progress = None, **options: Any) -> pd.DataFrame:
+    """Run the registered experiment ``name``; its rows as a DataFrame."""
     return get(name)(quick=quick, progress=progress, **options)

@@ -11,13 +11,21 @@ experiment, timed runs have tracing off and one counted run per size has it on.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from .. import devices as dv
+from .. import plots
 from ..errors import SpecError
 from ..measure import Progress, Rows, say
+from ..plots import KIND_COLORS, style, where_label
 from ..spec import parse_size
+from .contrasts import booted, common_row
 from .disk import stretch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 
 def command(profile: dv.DeviceProfile, bs: int, total: int) -> str:
@@ -26,7 +34,7 @@ def command(profile: dv.DeviceProfile, bs: int, total: int) -> str:
 
 def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Iterable[str]] = None,
         sizes: Optional[Sequence[Any]] = None, bs: Any = 4096, repeats: Optional[int] = None,
-        min_seconds: Optional[float] = None, accel: str = "auto", image: Any = None):
+        min_seconds: Optional[float] = None, accel: str = "auto", image: Optional[GuestImage] = None) -> pd.DataFrame:
     """Measure every (device, size, repeat); returns a tidy DataFrame (see docs/devices.md)."""
     profs = dv.resolve(devices, "console", quick)
     totals = [parse_size(s, "sizes", default_unit="K") if isinstance(s, str) else int(s)
@@ -41,19 +49,19 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     rows = Rows("console")
     with rows.guard():
         for prof in profs:
-            with dv.booted(prof, rows, progress, accel=accel, image=image) as vm:
+            with booted(prof, rows, progress, accel=accel, image=image) as vm:
                 probe = dv.Probe(vm, prof)
                 probe.calibrate(command(prof, 1024, 16 << 10))
                 for total in totals:
                     counted = probe.measure(command(prof, bs_b, total), count=True)
-                    run_total = stretch(probe, lambda n: command(prof, bs_b, n), total, bs_b, min_s,
+                    run_total = stretch(probe, lambda n, prof=prof: command(prof, bs_b, n), total, bs_b, min_s,
                                         limit=16 << 20)
                     for r in range(repeats):
                         m = probe.measure(command(prof, bs_b, run_total), count=False)
                         res = m.result
                         n = int(res["bytes"])
                         rows.add(**{
-                            **dv.common_row(prof, m, bytes_moved=n, counted_bytes=int(counted.result["bytes"]),
+                            **common_row(prof, m, bytes_moved=n, counted_bytes=int(counted.result["bytes"]),
                                             counted=counted),
                             "repeat": r, "bs": bs_b, "size_bytes": n, "requested_bytes": total,
                             "path": prof.guest_path,
@@ -72,10 +80,7 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
 
 def plot(df, axes=None):
     """Throughput and interventions per byte, one bar per device (median over repeats)."""
-    import matplotlib.pyplot as plt
-    from ..plots import KIND_COLORS, style, where_label
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes = plots.axes(axes, figsize=(9, 3.5), ncols=2)
     g = df.groupby(["device", "kind"], sort=False)[["throughput_mb_s", "interventions_per_byte"]].median()
     g = g.reset_index()
     colors = [KIND_COLORS.get(k) for k in g["kind"]]

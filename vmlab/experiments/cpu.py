@@ -7,7 +7,7 @@ translation) and, where it is proven to work, under KVM (hardware-assisted).
     cpu.plot_ratios(df)
 
 ``vmbench cpu`` (vmlab/guest/vmbench.c) is compiled for the host (``gcc -static
--O2``, cached in ``vmlab.image.cache_dir()/native``) and run there, and the
+-O2``, cached in ``vmlab.config.cache_dir()/native``) and run there, and the
 same source, built into the guest image as ``/bin/vmbench``, runs in the guest.
 Both print ns and cycles per operation as the median over repeats, with min,
 max and the coefficient of variation.
@@ -28,11 +28,20 @@ import json
 import math
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import SetupError, SpecError, VMLabError
+from ..guestinfo import accel_of, where_vm
+from ..hostinfo import host_virtualization, where
 from ..hostview import native_vmbench  # vmbench for the host; re-exported as cpu.native_vmbench
-from ..measure import Rows, say
+from ..measure import DATA_DIR, Rows, say
+from ..plots import OKABE_ITO, axes, color_for, grouped_bars, source_note, style
+from ..vm import VM, kvm_device_problem, kvm_verdict
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 SOURCE = Path(__file__).resolve().parent.parent / "guest" / "vmbench.c"
 
@@ -96,7 +105,7 @@ def run_native(benchmarks: Optional[Sequence[str]] = None, repeats: int = 5, sca
     """Run ``vmbench cpu`` on the host; returns its parsed JSON."""
     benchmarks = check_options(benchmarks, repeats, scale)
     exe = native_vmbench(progress)
-    proc = subprocess.run([str(exe)] + _bench_args(benchmarks, repeats, scale),
+    proc = subprocess.run([str(exe), *_bench_args(benchmarks, repeats, scale)],
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise SetupError(f"vmbench failed on the host (status {proc.returncode}): {proc.stderr.strip()[-300:]}",
@@ -104,7 +113,7 @@ def run_native(benchmarks: Optional[Sequence[str]] = None, repeats: int = 5, sca
     return json.loads(proc.stdout)
 
 
-def run_guest(vm: Any, benchmarks: Optional[Sequence[str]] = None, repeats: int = 5, scale: float = 1.0,
+def run_guest(vm: VM, benchmarks: Optional[Sequence[str]] = None, repeats: int = 5, scale: float = 1.0,
               timeout: float = 600) -> Dict[str, Any]:
     """Run ``/bin/vmbench cpu`` in a booted guest; returns its parsed JSON."""
     benchmarks = check_options(benchmarks, repeats, scale)
@@ -152,13 +161,13 @@ def add_ratios(df: Any) -> Any:
     native = df[df["platform"] == "native"].set_index("benchmark")["ns_per_op"]
     df["ratio_to_native"] = [
         (ns / native[b]) if b in native.index and pd.notna(native[b]) and native[b] > 0 and pd.notna(ns)
-        else math.nan for b, ns in zip(df["benchmark"], df["ns_per_op"])]
+        else math.nan for b, ns in zip(df["benchmark"], df["ns_per_op"], strict=False)]
     return df
 
 
-def _where_native() -> Dict[str, str]:
-    from ..hostinfo import host_virtualization, where
-    w = where("none")
+def where_native() -> Dict[str, Any]:
+    """The where-it-ran columns of a native run (on this host, no hypervisor)."""
+    w: Dict[str, Any] = where("none")
     hv = host_virtualization()
     w.update(accel="none", ran_on="host", host_is_vm=bool(hv.get("is_vm")),
              guest_kernel="")
@@ -166,8 +175,7 @@ def _where_native() -> Dict[str, str]:
 
 
 def kvm_status(progress: Optional[Callable[[str], None]] = None, probe: bool = True) -> Dict[str, Any]:
-    """The KVM verdict for this host (``vmlab.accel.kvm_verdict``), never raising."""
-    from ..accel import kvm_device_problem, kvm_verdict
+    """The KVM verdict for this host (``vmlab.vm.kvm_verdict``), never raising."""
     problem = kvm_device_problem()
     if problem:
         return {"usable": False, "reason": problem}
@@ -181,11 +189,11 @@ def kvm_status(progress: Optional[Callable[[str], None]] = None, probe: bool = T
 
 def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *,
         benchmarks: Optional[Sequence[str]] = None, repeats: Optional[int] = None,
-        scale: Optional[float] = None, kvm: Optional[bool] = None, image: Any = None,
-        memory: int = 256, rounds: int = 2) -> Any:
+        scale: Optional[float] = None, kvm: Optional[bool] = None, image: Optional[GuestImage] = None,
+        memory: int = 256, rounds: int = 2) -> pd.DataFrame:
     """Native vs TCG (vs KVM where proven) nanobenchmarks; one row per benchmark x platform.
 
-    ``kvm``: None = add KVM rows if ``vmlab.accel.kvm_verdict()`` proves KVM works here,
+    ``kvm``: None = add KVM rows if ``vmlab.vm.kvm_verdict()`` proves KVM works here,
     False = never. Why KVM rows are missing is in ``df.attrs["kvm"]`` and ``df.attrs["notes"]``
     (and said to ``progress``).
 
@@ -193,9 +201,8 @@ def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *
     with the lower median is kept (column ``round``), so a burst of load from other work
     on the host spoils neither side more than the other.
     """
-    from ..machine import VM
     base = QUICK if quick else FULL
-    repeats = base["repeats"] if repeats is None else repeats
+    repeats = int(base["repeats"]) if repeats is None else repeats
     scale = base["scale"] if scale is None else scale
     benchmarks = check_options(benchmarks, repeats, scale)
     native_vmbench(progress)          # a missing compiler is a SetupError before anything runs
@@ -213,7 +220,7 @@ def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *
             notes.append(msg)
             say(progress, msg)
         runs: Dict[str, List[Dict[str, Any]]] = {"native": []}
-        wheres: Dict[str, Dict[str, Any]] = {"native": _where_native()}
+        wheres: Dict[str, Dict[str, Any]] = {"native": where_native()}
         vms = []
         try:
             for accel in accels:
@@ -221,18 +228,17 @@ def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *
                 vm = VM(accel=accel, name=f"cpu-{accel}", memory=memory, image=image)
                 vms.append(vm)
                 vm.start()
-                from ..hostinfo import where
-                w = where(vm.accel, vm.kernel_release)
+                w: Dict[str, Any] = where_vm(vm)
                 w.update(ran_on="guest", host_is_vm=wheres["native"]["host_is_vm"])
-                wheres[vm.accel] = w
-                runs[vm.accel] = []
+                wheres[accel_of(vm)] = w
+                runs[accel_of(vm)] = []
             # rounds alternate native and guest runs, so host load hits both sides alike
             for k in range(rounds):
                 say(progress, f"round {k + 1}/{rounds}: vmbench cpu --repeats {repeats} --scale {scale:g} "
                               f"natively, then in the guest" + ("s" if len(vms) > 1 else ""))
                 runs["native"].append(run_native(benchmarks, repeats, scale, progress=progress))
                 for vm in vms:
-                    runs[vm.accel].append(run_guest(vm, benchmarks, repeats, scale, timeout=900))
+                    runs[accel_of(vm)].append(run_guest(vm, benchmarks, repeats, scale, timeout=900))
         finally:
             for vm in vms:
                 vm.shutdown()
@@ -271,7 +277,6 @@ def paper_table(df: Any, reference: Optional[Any] = None) -> Any:
     values keep their own unit (some are ratios or differences, not cycles).
     """
     import pandas as pd
-    from ..measure import DATA_DIR
     ref = reference if reference is not None else pd.read_csv(DATA_DIR / "reference" / "adams_agesen_2006.csv")
     out = []
     for bench, paper in PAPER_NAME.items():
@@ -311,16 +316,10 @@ def source_label(df: Any) -> str:
     return "; ".join(parts)
 
 
-def _source(ax: Any, text: str) -> None:
-    from ..plots import source_note
-    source_note(ax, text)
-
-
 def paper_ratios(df: Any, reference: Optional[Any] = None) -> Any:
     """Slowdown vs native, published and measured, for the paper benchmarks whose native,
     software-VMM and hardware-VMM figures were all found in cycles (pgfault, divzero)."""
     import pandas as pd
-    from ..measure import DATA_DIR
     ref = reference if reference is not None else pd.read_csv(DATA_DIR / "reference" / "adams_agesen_2006.csv")
     pt = paper_table(df, ref)
     rows = []
@@ -342,13 +341,10 @@ def paper_ratios(df: Any, reference: Optional[Any] = None) -> Any:
 
 def plot_paper(df: Any, reference: Optional[Any] = None, ax: Any = None) -> Any:
     """Bars: published slowdowns (secondary) beside the measured ones."""
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import ScalarFormatter
-    from ..plots import OKABE_ITO, style
     t = paper_ratios(df, reference)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4))
+    ax = axes(ax, figsize=(8, 4))
     cols = [c for c in t.columns if c != "vmbench"]
     colors = {"paper: software VMM / native": OKABE_ITO[0], "paper: hardware VMM / native": OKABE_ITO[2],
               "measured: TCG / native": OKABE_ITO[1], "measured: KVM / native": OKABE_ITO[4]}
@@ -359,13 +355,13 @@ def plot_paper(df: Any, reference: Optional[Any] = None, ax: Any = None) -> Any:
                hatch="//" if c.startswith("paper") else None, edgecolor="white")
     ax.axhline(1, color="black", lw=1, ls="--")
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{p}\n(vmbench {v})" for p, v in zip(t.index, t.vmbench)])
+    ax.set_xticklabels([f"{p}\n(vmbench {v})" for p, v in zip(t.index, t.vmbench, strict=False)])
     style(ax, title="Slowdown vs native: published (2006, secondary) and measured here",
           ylabel="time / native time (log)", log="y")
     ax.set_ylim(0.5, max(2.0, float(np.nanmax(t[cols].to_numpy(dtype=float))) * 1.6))
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.legend(fontsize=8)
-    _source(ax, "measured: " + source_label(df))
+    source_note(ax, "measured: " + source_label(df))
     ax.annotate("published: Adams & Agesen, ASPLOS 2006, read in a secondary text (data/reference)",
                 xy=(1.0, -0.26), xycoords="axes fraction", ha="right", va="top", fontsize=7, color="#555555")
     return ax
@@ -373,11 +369,8 @@ def plot_paper(df: Any, reference: Optional[Any] = None, ax: Any = None) -> Any:
 
 def plot_ns(df: Any, ax: Any = None) -> Any:
     """Grouped bars: ns per operation for each benchmark and platform (log scale)."""
-    import matplotlib.pyplot as plt
     import numpy as np
-    from ..plots import color_for, grouped_bars, style
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 4.2))
+    ax = axes(ax, figsize=(10, 4.2))
     t = df.pivot_table(index="benchmark", columns="platform", values="ns_per_op", aggfunc="median")
     lo = df.pivot_table(index="benchmark", columns="platform", values="ns_min", aggfunc="median")
     hi = df.pivot_table(index="benchmark", columns="platform", values="ns_max", aggfunc="median")
@@ -395,16 +388,13 @@ def plot_ns(df: Any, ax: Any = None) -> Any:
     ax.legend(title="platform")
     style(ax, title="Nanobenchmarks: cost per operation (median; bars = min..max over repeats)",
           ylabel="ns per operation (log)", log="y")
-    _source(ax, source_label(df))
+    source_note(ax, source_label(df))
     return ax
 
 
 def plot_ratios(df: Any, ax: Any = None) -> Any:
     """Slowdown relative to native, per benchmark (log scale); 1 = native speed."""
-    import matplotlib.pyplot as plt
-    from ..plots import color_for, grouped_bars, style
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 4))
+    ax = axes(ax, figsize=(10, 4))
     g = df[(df.platform != "native") & df.ratio_to_native.notna()]
     t = g.pivot_table(index="benchmark", columns="platform", values="ratio_to_native", aggfunc="median")
     order = [b for b in BENCHMARKS if b in t.index]
@@ -415,92 +405,5 @@ def plot_ratios(df: Any, ax: Any = None) -> Any:
     ax.legend(title="platform")
     style(ax, title="Slowdown vs native (1 = native speed)",
           ylabel="time / native time (log)", log="y")
-    _source(ax, source_label(df))
+    source_note(ax, source_label(df))
     return ax
-
-
-# ---------------------------------------------------------------- live widget
-class CompareWidget:
-    """Pick a benchmark, run it natively and in a booted guest, see both side by side.
-
-        w = CompareWidget(vm); w            # choose, press the button
-        w.run_once("null_syscall")          # the same from code; returns the rows
-    """
-
-    def __init__(self, vm: Any, benchmark: str = "null_syscall", scale: float = 0.1, repeats: int = 5) -> None:
-        import ipywidgets as W
-        self.vm = vm
-        self.history: List[Dict[str, Any]] = []
-        self.bench = W.Dropdown(options=list(BENCHMARKS), value=benchmark, description="benchmark")
-        self.scale = W.FloatLogSlider(value=scale, base=10, min=-3, max=0, step=0.25, description="scale",
-                                      continuous_update=False)
-        self.repeats = W.IntSlider(value=repeats, min=1, max=15, description="repeats", continuous_update=False)
-        self.button = W.Button(description="run natively and in the guest", icon="play",
-                               layout=W.Layout(width="260px"))
-        self.what = W.HTML()
-        self.out = W.Output()
-        self.err = W.Output()
-        self.button.on_click(lambda _b: self._safe())
-        self.bench.observe(lambda ch: self._describe(), names="value")
-        self._describe()
-        self.widget = W.VBox([W.HBox([self.bench, self.button]), W.HBox([self.scale, self.repeats]),
-                              self.what, self.out, self.err])
-
-    def _describe(self) -> None:
-        b = self.bench.value
-        paper = PAPER_NAME.get(b)
-        self.what.value = (f"<i>{DESCRIPTIONS[b]}</i>" + (f" &mdash; Adams &amp; Agesen's <code>{paper}</code>"
-                                                           if paper else ""))
-
-    def _safe(self) -> None:
-        self.err.clear_output()
-        try:
-            self.run_once()
-        except Exception as exc:            # shown, never lost in a callback
-            with self.err:
-                print(f"error: {exc}")
-
-    def run_once(self, benchmark: Optional[str] = None) -> Any:
-        import matplotlib.pyplot as plt
-        import pandas as pd
-        from IPython.display import clear_output, display
-        from ..plots import color_for, style
-        b = benchmark or self.bench.value
-        if benchmark:
-            self.bench.value = benchmark
-        reps, scale = int(self.repeats.value), float(self.scale.value)
-        self.button.disabled = True
-        try:
-            nat = run_native([b], reps, scale)["results"][0]
-            gst = run_guest(self.vm, [b], reps, scale)["results"][0]
-        finally:
-            self.button.disabled = False
-        for plat, r in (("native", nat), (self.vm.accel, gst)):
-            self.history.append({"benchmark": b, "platform": plat, "ns_per_op": r.get("ns_per_op", math.nan),
-                                 "ns_min": r.get("ns_min", math.nan), "ns_max": r.get("ns_max", math.nan),
-                                 "skipped": r.get("skipped", "")})
-        df = pd.DataFrame(self.history[-2:])
-        with self.out:
-            clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(5.5, 2.6))
-            y = df.ns_per_op.fillna(0).to_numpy()
-            ax.barh(df.platform, y, color=[color_for(p) for p in df.platform],
-                    xerr=[y - df.ns_min.fillna(0).to_numpy(), df.ns_max.fillna(0).to_numpy() - y])
-            for i, r in df.iterrows():
-                txt = f"skipped: {r.skipped}" if r.skipped else f"{r.ns_per_op:,.1f} ns"
-                ax.annotate(txt, (0, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
-                            color="white" if not r.skipped and y[i] > 0.3 * y.max() else "black")
-            ratio = (df.ns_per_op.iloc[1] / df.ns_per_op.iloc[0]) if df.ns_per_op.iloc[0] > 0 else math.nan
-            style(ax, title=f"{b}: {self.vm.accel.upper()}/native = "
-                            + (f"{ratio:.2f}x" if math.isfinite(ratio) else "n/a (no native figure)"),
-                  xlabel="ns per operation (median; bars = min..max)",
-                  source=f"native on this host; guest under {self.vm.accel.upper()}, "
-                         f"QEMU {_where_native()['qemu']}, guest kernel {self.vm.kernel_release}")
-            fig.tight_layout()
-            display(fig)
-            plt.close(fig)
-        return df
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-        display(self.widget)

@@ -20,12 +20,19 @@ Two runs per workload, on purpose:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from .. import devices as dv
 from ..errors import SpecError
 from ..measure import Progress, Rows, say
+from ..plots import KIND_COLORS, axes, grouped_bars, style, where_label
 from ..spec import parse_size
+from .contrasts import booted, common_row
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 MODES = ("read", "write")
 PATTERNS = ("seq", "rand")
@@ -76,7 +83,7 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
         modes: Optional[Sequence[str]] = None, patterns: Optional[Sequence[str]] = None,
         bs: Optional[Sequence[Any]] = None, total: Any = None, repeats: Optional[int] = None,
         count_cap: Any = None, min_seconds: Optional[float] = None, accel: str = "auto",
-        disk_size: str = "64M", image: Any = None):
+        disk_size: str = "64M", image: Optional[GuestImage] = None) -> pd.DataFrame:
     """Measure every (device, workload, repeat); returns a tidy DataFrame (see docs/devices.md)."""
     profs = dv.resolve(devices, "disk", quick)
     modes = tuple(modes or MODES)
@@ -97,19 +104,19 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     rows = Rows("disk")
     with rows.guard():
         for prof in profs:
-            with dv.booted(prof, rows, progress, accel=accel, image=image, disk_size=disk_size) as vm:
+            with booted(prof, rows, progress, accel=accel, image=image, disk_size=disk_size) as vm:
                 probe = dv.Probe(vm, prof)
                 probe.calibrate(command(prof, "read", "seq", 65536, 256 << 10))
                 for (mode, pattern, b) in wl:
                     counted_total = max(b, min(total_b, cap) // b * b)
                     say(progress, f"disk: {prof.name} {mode} {pattern} bs={b}: counting {counted_total} bytes")
                     counted = probe.measure(command(prof, mode, pattern, b, counted_total), count=True)
-                    run_total = stretch(probe, lambda n: command(prof, mode, pattern, b, n), total_b, b, min_s)
+                    run_total = stretch(probe, lambda n, prof=prof, mode=mode, pattern=pattern, b=b: command(prof, mode, pattern, b, n), total_b, b, min_s)
                     for r in range(repeats):
                         m = probe.measure(command(prof, mode, pattern, b, run_total, seed=r + 1), count=False)
                         res = m.result
                         rows.add(**{
-                            **dv.common_row(prof, m, bytes_moved=int(res["bytes"]),
+                            **common_row(prof, m, bytes_moved=int(res["bytes"]),
                                             counted_bytes=int(counted.result["bytes"]), counted=counted),
                             "repeat": r, "mode": mode, "pattern": pattern, "bs": b,
                             "size_bytes": int(res["bytes"]), "requested_bytes": total_b, "ops": int(res["ops"]),
@@ -128,13 +135,10 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
 
 def plot(df, ax=None, *, metric: str = "throughput_mb_s"):
     """Bars per device (median over repeats) for each workload; log scale for wide ranges."""
-    import matplotlib.pyplot as plt
-    from ..plots import KIND_COLORS, grouped_bars, style, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4))
+    ax = axes(ax, figsize=(8, 4))
     g = df.groupby(["mode", "pattern", "bs", "device", "kind"], sort=False)[metric].median().reset_index()
     g["workload"] = g["mode"] + " " + g["pattern"] + "\n" + (g["bs"] // 1024).astype(str) + " KiB"
-    kind = dict(zip(g["device"], g["kind"]))
+    kind = dict(zip(g["device"], g["kind"], strict=False))
     table = g.pivot(index="workload", columns="device", values=metric).reindex(
         index=list(dict.fromkeys(g["workload"])), columns=list(dict.fromkeys(g["device"])))
     grouped_bars(ax, table, colors=lambda d: KIND_COLORS.get(kind[d]), hatches=True,

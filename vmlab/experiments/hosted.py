@@ -8,6 +8,9 @@
 * :func:`noisy_neighbour` - a host CPU hog pinned on the vCPU thread's core
   slows the guest, which under TCG sees no steal time; a KVM guest would
   (that path runs where KVM is proven, and otherwise says why not).
+* :func:`cpu_by_thread` and :func:`rss_vs_touch` - the VM as a host process:
+  CPU seconds per QEMU thread while the guest works, QEMU's RSS as the guest
+  touches memory (lazy allocation).
 * :func:`plot_layers` draws the layers each path goes through, annotated
   with the measured costs; :func:`plot_costs` and :func:`plot_noisy` chart them.
 
@@ -22,11 +25,22 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from ..errors import AccelUnavailable, SpecError
-from ..hostinfo import where
-from ..measure import Progress, Rows, say
+from .. import hostview, plots
+from ..errors import AccelUnavailable, SpecError, VMError
+from ..guestinfo import qemu_pid
+from ..hostinfo import host_virtualization, where
+from ..hostview import memory_map
+from ..measure import DATA_DIR, Progress, Rows, say
+from ..plots import KIND_COLORS, OKABE_ITO, axes, style, where_label
+from ..procfs import host_steal_ticks, rss_bytes, thread_cpu, threads
+from ..vm import VM, kvm_verdict
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 WORKLOADS = {
     # name: (vmbench arguments, metric, unit, higher is better)
@@ -40,7 +54,6 @@ HOG = "hog on the vCPU's core"
 
 def kvm_status() -> Dict[str, Any]:
     """{"usable": bool, "note": str}: KVM proven here by booting a guest, or why not."""
-    from ..accel import kvm_verdict
     try:
         v = kvm_verdict()
     except Exception as exc:  # the probe itself failed: say so, do not stop the lesson
@@ -66,9 +79,9 @@ def _check_workloads(workloads: Sequence[str]) -> None:
                         fix="some of: " + ", ".join(WORKLOADS))
 
 
-def path_of_work(quick: bool = False, progress: Progress = None, *, image: Any = None,
+def path_of_work(quick: bool = False, progress: Progress = None, *, image: Optional[GuestImage] = None,
                  workloads: Sequence[str] = ("spin", "null_syscall", "page_fault"),
-                 repeats: Optional[int] = None, seconds: Optional[float] = None, memory: int = 256):
+                 repeats: Optional[int] = None, seconds: Optional[float] = None, memory: int = 256) -> pd.DataFrame:
     """The same workloads natively, under KVM (if proven here) and under TCG.
 
     Rows: layer, workload, metric, unit, value (median over ``repeats`` runs,
@@ -85,8 +98,6 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Any =
     seconds = seconds or (1.0 if quick else 2.0)
     if not (isinstance(repeats, int) and 1 <= repeats <= 50):
         raise SpecError("repeats", f"{repeats!r} is not between 1 and 50", fix="e.g. repeats=3")
-    from .. import hostview
-    from ..machine import VM
     rows = Rows("path-of-work")
     results: Dict[tuple, List[float]] = {}
 
@@ -101,9 +112,9 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Any =
             tid = hostview.vcpu_tid(guest)
 
             def runner(cmd: str) -> Dict[str, Any]:
-                c0 = hostview.thread_cpu(guest.pid, tid)["cpu_s"]
+                c0 = thread_cpu(qemu_pid(guest), tid)["cpu_s"]
                 out = json.loads(guest.run("vmbench " + cmd, timeout=300).stdout)
-                out["_host_cpu_s"] = hostview.thread_cpu(guest.pid, tid)["cpu_s"] - c0
+                out["_host_cpu_s"] = thread_cpu(qemu_pid(guest), tid)["cpu_s"] - c0
                 return out
             return runner
 
@@ -152,20 +163,19 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Any =
     return rows.frame()
 
 
-def _guest_spin(vm: Any, seconds: float, tid: int) -> Dict[str, Any]:
-    from ..hostview import host_steal_ticks, thread_cpu
-    c0 = thread_cpu(vm.pid, tid)["cpu_s"]
+def _guest_spin(vm: VM, seconds: float, tid: int) -> Dict[str, Any]:
+    c0 = thread_cpu(qemu_pid(vm), tid)["cpu_s"]
     s0 = host_steal_ticks()
     out = json.loads(vm.run(f"vmbench spin --seconds {seconds}", timeout=seconds * 10 + 60).stdout)
     return {"ops_per_s": out["ops_per_s"], "guest_user_s": out["user_s"], "guest_seconds": out["seconds"],
             "steal_ticks": out.get("steal_ticks"),
-            "vcpu_host_cpu_s": thread_cpu(vm.pid, tid)["cpu_s"] - c0,
+            "vcpu_host_cpu_s": thread_cpu(qemu_pid(vm), tid)["cpu_s"] - c0,
             "host_steal_ticks": host_steal_ticks() - s0}
 
 
 def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: Optional[float] = None,
-                    repeats: Optional[int] = None, core: Optional[int] = None, image: Any = None,
-                    kvm: bool = True, hogs: int = 1):
+                    repeats: Optional[int] = None, core: Optional[int] = None, image: Optional[GuestImage] = None,
+                    kvm: bool = True, hogs: int = 1) -> pd.DataFrame:
     """A host CPU hog on the vCPU thread's core: guest ops/s fall, and steal time stays 0 under TCG.
 
     The guest's single vCPU thread and a native ``vmbench spin`` hog are both
@@ -178,8 +188,6 @@ def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: 
     (this host is itself a VM), core, available, note. With ``kvm=True`` the
     same runs under KVM where it is proven; otherwise a row says why not.
     """
-    from .. import hostview
-    from ..machine import VM
     seconds = seconds if seconds is not None else (1.0 if quick else 2.0)
     repeats = repeats if repeats is not None else (3 if quick else 5)
     if not isinstance(seconds, (int, float)) or not 0 < seconds <= 120:
@@ -230,8 +238,80 @@ def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: 
                      guest_user_s=math.nan, guest_seconds=math.nan, steal_ticks=math.nan,
                      vcpu_host_cpu_s=math.nan, host_steal_ticks=math.nan, hogs=hogs, hog_cpu_s=math.nan,
                      available=False,
-                     note="a KVM guest would report steal time here; " + status["note"])
+                     note=f"a KVM guest would report steal time here; {status['note']}")
     return rows.frame()
+
+
+# --------------------------------------------------------------------------- the VM as a host process
+def cpu_by_thread(vm: VM, command: str, timeout: float = 120) -> pd.DataFrame:
+    """Run *command* in the guest and return, per QEMU thread, the CPU seconds it used meanwhile.
+
+    A DataFrame: tid, name, cpu_s, utime_s, stime_s, share (of the QEMU total),
+    plus ``attrs["wall_s"]`` and ``attrs["stdout"]``.
+    """
+    import pandas as pd
+    before = {t["tid"]: t for t in threads(qemu_pid(vm))}
+    t0 = time.monotonic()
+    res = vm.run(command, timeout=timeout)
+    wall = time.monotonic() - t0
+    rows = []
+    for t in threads(qemu_pid(vm)):
+        b = before.get(t["tid"], {"cpu_s": 0.0, "utime_s": 0.0, "stime_s": 0.0})
+        rows.append({"tid": t["tid"], "name": t["name"], "cpu_s": t["cpu_s"] - b["cpu_s"],
+                     "utime_s": t["utime_s"] - b["utime_s"], "stime_s": t["stime_s"] - b["stime_s"]})
+    df = pd.DataFrame(rows).sort_values("cpu_s", ascending=False).reset_index(drop=True)
+    total = df["cpu_s"].sum()
+    df["share"] = df["cpu_s"] / total if total > 0 else 0.0
+    df.attrs["wall_s"] = wall
+    df.attrs["stdout"] = res.stdout
+    return df
+
+
+
+
+def rss_vs_touch(vm: VM, sizes_mb: Sequence[int], hold_ms: int = 1500,
+                 progress: Progress = None) -> pd.DataFrame:
+    """Touch *sizes_mb* MiB in the guest (``vmbench touch --mb N --hold-ms T``) and watch QEMU's RSS.
+
+    The guest memory is mapped in QEMU at start but backed by host pages only
+    when first written (lazy allocation). For each size: the RSS before, the
+    largest RSS seen while the guest holds the memory, and the guest-RAM part
+    of it (:func:`vmlab.hostview.memory_map`). Returns a DataFrame, one row per size.
+    """
+    import pandas as pd
+    limit = vm.spec.memory_mb
+    for mb in sizes_mb:
+        if not isinstance(mb, int) or mb <= 0 or mb > limit * 0.7:
+            raise SpecError("sizes_mb", f"{mb!r} MiB cannot be touched in a {limit} MiB guest",
+                            fix=f"sizes between 1 and {int(limit * 0.7)} MiB, or a VM with more memory")
+    rows = []
+    base = rss_bytes(qemu_pid(vm))
+    for mb in sizes_mb:
+        say(progress, f"guest touches {mb} MiB")
+        before = rss_bytes(qemu_pid(vm))
+        out = f"/tmp/touch-{mb}.json"
+        vm.run(f"vmbench touch --mb {mb} --hold-ms {hold_ms} > {out} 2>&1 &")
+        peak, t_end = before, time.monotonic() + 30
+        got = b""
+        while time.monotonic() < t_end:
+            time.sleep(0.1)
+            peak = max(peak, rss_bytes(qemu_pid(vm)))
+            with contextlib.suppress(VMError):
+                got = vm.read_file(out)
+            if got.strip():
+                break
+        if not got.strip():
+            raise VMError(f"vmbench touch --mb {mb} did not report within 30 s", fix="give the VM more memory")
+        result = json.loads(got.decode().strip().splitlines()[-1])
+        if "error" in result:
+            raise VMError(f"vmbench touch --mb {mb} failed: {result['error']}", fix="give the VM more memory")
+        peak = max(peak, rss_bytes(qemu_pid(vm)))
+        ram = memory_map(qemu_pid(vm), limit)["guest_ram"]
+        rows.append({"touched_mb": mb, "rss_before_mb": before / 2**20, "rss_mb": peak / 2**20,
+                     "rss_growth_mb": (peak - base) / 2**20, "guest_ram_resident_mb": ram,
+                     "touch_s": result.get("seconds")})
+        time.sleep(hold_ms / 1000)  # let the guest process exit before the next size
+    return pd.DataFrame(rows)
 
 
 def require_kvm_steal() -> None:
@@ -249,7 +329,6 @@ def published() -> Any:
     Adams & Agesen (software VMM vs native: syscall, page fault, forkwait).
     """
     import pandas as pd
-    from ..measure import DATA_DIR
     ref = DATA_DIR / "reference"
     out = []
     try:
@@ -270,7 +349,7 @@ def published() -> Any:
     return pd.DataFrame(out)
 
 
-def run(quick: bool = False, progress: Progress = None, **options: Any):
+def run(quick: bool = False, progress: Progress = None, **options: Any) -> pd.DataFrame:
     """Path of work then noisy neighbour; a ``part`` column names which."""
     import pandas as pd
     image = options.pop("image", None)
@@ -296,12 +375,8 @@ def _fmt(workload: str, value: float, vs: float, layer: str) -> str:
 
 def plot_layers(df: Any, ax: Any = None) -> Any:
     """The layers each path of work goes through, drawn as boxes, with the measured costs on top."""
-    import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
-    from ..plots import KIND_COLORS, OKABE_ITO, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(11, 5.6))
-    from ..hostinfo import host_virtualization
+    ax = axes(ax, figsize=(11, 5.6))
     n = len(os.sched_getaffinity(0))
     hw = f"hardware ({n} vCPUs of a cloud VM)" if host_virtualization().get("is_vm") else f"hardware ({n} cores)"
     stacks = {
@@ -337,7 +412,7 @@ def plot_layers(df: Any, ax: Any = None) -> Any:
                     lines.append(_fmt(r["workload"], r["value"], r["vs_native"], layer))
             else:
                 lines.append("not available on this host\n(the rows' note says why)")
-        ax.text(x + w / 2, top + 0.6, "\n".join(l for l in lines if l), ha="center", va="bottom",
+        ax.text(x + w / 2, top + 0.6, "\n".join(ln for ln in lines if ln), ha="center", va="bottom",
                 fontsize=8, color="#333333")
     # the arrow of a system call in each path
     ax.annotate("", xy=(-0.25, 0.2), xytext=(-0.25, 2.2), arrowprops=dict(arrowstyle="->", color=OKABE_ITO[7]))
@@ -353,20 +428,17 @@ def plot_layers(df: Any, ax: Any = None) -> Any:
 
 def plot_costs(df: Any, ax: Any = None) -> Any:
     """How many times slower than native each workload is, per layer (log scale if the range is wide)."""
-    import matplotlib.pyplot as plt
-    from ..plots import KIND_COLORS, style, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3.8))
+    ax = axes(ax, figsize=(7, 3.8))
     d = df[df["available"] & (df["layer"] != "native")]
     workloads = list(dict.fromkeys(df["workload"]))
-    layers = [l for l in LAYERS if l in set(d["layer"])]
+    layers = [la for la in LAYERS if la in set(d["layer"])]
     width = 0.8 / max(1, len(layers))
     top = 1.0
     for j, layer in enumerate(layers):
         vals = [d[(d.layer == layer) & (d.workload == w)]["vs_native"].median() for w in workloads]
         xs = [i + (j - (len(layers) - 1) / 2) * width for i in range(len(workloads))]
         ax.bar(xs, vals, width, color=KIND_COLORS.get(layer), label=f"{layer.upper()} guest")
-        for x, v in zip(xs, vals):
+        for x, v in zip(xs, vals, strict=False):
             if math.isfinite(v):
                 ax.text(x, v, f"{v:.1f}x", ha="center", va="bottom", fontsize=8)
                 top = max(top, v)
@@ -384,10 +456,7 @@ def plot_costs(df: Any, ax: Any = None) -> Any:
 
 def plot_noisy(df: Any, axes: Any = None) -> Any:
     """Guest ops/s alone vs with a hog; and the CPU time the guest believes it had vs what the host gave."""
-    import matplotlib.pyplot as plt
-    from ..plots import OKABE_ITO, style, where_label
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes = plots.axes(axes, figsize=(10, 3.6), ncols=2)
     d = df[df["available"]]
     ax1, ax2 = axes
     conds = ["alone", HOG]
@@ -421,15 +490,12 @@ def plot_noisy(df: Any, axes: Any = None) -> Any:
 
 def plot_rss(df: Any, ax: Any = None, where_df: Any = None) -> Any:
     """QEMU's resident memory as the guest touches more memory (lazy allocation)."""
-    import matplotlib.pyplot as plt
-    from ..plots import OKABE_ITO, style, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.8))
-    x = [0] + list(df["touched_mb"])
+    ax = axes(ax, figsize=(6.5, 3.8))
+    x = [0, *list(df["touched_mb"])]
     base = float(df["rss_before_mb"].iloc[0])
-    ax.plot(x, [base] + list(df["rss_mb"]), "o-", color=OKABE_ITO[0], label="QEMU RSS (whole process)")
+    ax.plot(x, [base, *list(df["rss_mb"])], "o-", color=OKABE_ITO[0], label="QEMU RSS (whole process)")
     ram0 = float(df["guest_ram_resident_mb"].iloc[0] - (df["rss_mb"].iloc[0] - base))
-    ax.plot(x, [ram0] + list(df["guest_ram_resident_mb"]), "s-", color=OKABE_ITO[4],
+    ax.plot(x, [ram0, *list(df["guest_ram_resident_mb"])], "s-", color=OKABE_ITO[4],
             label="resident part of the guest-RAM mapping")
     ax.plot(x, [base + v for v in x], ":", color="#555555", label="baseline + MiB touched (1:1)")
     style(ax, title="Guest memory is allocated on the host when first touched",
@@ -440,11 +506,8 @@ def plot_rss(df: Any, ax: Any = None, where_df: Any = None) -> Any:
 
 
 def plot_threads(df: Any, ax: Any = None, where_df: Any = None) -> Any:
-    """CPU seconds per QEMU thread while the guest ran a job (hostview.cpu_by_thread)."""
-    import matplotlib.pyplot as plt
-    from ..plots import OKABE_ITO, style, where_label
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    """CPU seconds per QEMU thread while the guest ran a job (:func:`cpu_by_thread`)."""
+    ax = axes(ax, figsize=(6.5, 3.2))
     d = df.sort_values("cpu_s")
     labels = [f"{r['name']} ({r['tid']})" for _, r in d.iterrows()]
     ax.barh(labels, d["utime_s"], color=OKABE_ITO[4], label="user")

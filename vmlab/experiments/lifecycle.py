@@ -32,10 +32,21 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+from .. import disks
 from ..errors import GuestError, SpecError, VMError
-from ..measure import Progress, Rows, say
+from ..hostinfo import where
+from ..image import ensure_image
+from ..measure import Progress, Rows, say, stats
+from ..plots import OKABE_ITO, axes, style, where_label
+from ..spec import Disk, MachineSpec
+from ..vm import VM
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 ACTIONS = ("paused_boot", "guest_reboot", "power_button", "guest_poweroff", "quit", "kill")
 GRACEFUL = {"guest_reboot", "power_button", "guest_poweroff"}
@@ -114,7 +125,6 @@ def _fs_state(res: Dict[str, Any]) -> str:
 
 def prepare_disks(work: Path, tag: str):
     """An empty 32 MiB ext4 data disk (raw) and a 64 MiB qcow2 scratch disk in ``work``."""
-    from .. import disks
     data = disks.make_ext4(work / f"{tag}-data.ext4", "32M", label="data")
     scratch = disks.create_image(work / f"{tag}-scratch.qcow2", "64M", "qcow2")
     return data, scratch
@@ -122,12 +132,11 @@ def prepare_disks(work: Path, tag: str):
 
 def data_spec(data: Path, scratch: Path, name: str):
     """The lesson guest with the two disks attached (vda: ext4 data, vdb: qcow2 scratch)."""
-    from ..spec import Disk, MachineSpec
     return MachineSpec(name=name, accel="tcg", modules=("ext4",),
                        disks=(Disk(path=data, format="raw"), Disk(path=scratch, format="qcow2")))
 
 
-def write_unsynced(vm: Any) -> None:
+def write_unsynced(vm: VM) -> None:
     """Mount the data disk with delayed writeback and write ``NOTE`` to /data/note.txt without sync
     (plus 1 MiB, buffered, to the qcow2 scratch disk)."""
     vm.run(DELAY_WRITEBACK + "; mkdir -p /data; mount -t ext4 -o commit=60 /dev/vda /data", timeout=180)
@@ -136,10 +145,8 @@ def write_unsynced(vm: Any) -> None:
     vm.run("cp /tmp/note /data/note.txt; dd if=/dev/zero of=/dev/vdb bs=64k count=16 2>/dev/null", timeout=180)
 
 
-def read_back_in_vm(data: Path, image: Any = None) -> Optional[str]:
+def read_back_in_vm(data: Path, image: Optional[GuestImage] = None) -> Optional[str]:
     """Re-attach the data disk to a new VM (the mount replays ext4's journal) and read the note."""
-    from ..machine import VM
-    from ..spec import Disk
     with VM(accel="tcg", name="readback", image=image, modules=("ext4",),
             disks=[Disk(path=data, format="raw")]) as vm:
         vm.run("mkdir -p /data; mount -t ext4 /dev/vda /data")
@@ -149,20 +156,16 @@ def read_back_in_vm(data: Path, image: Any = None) -> Optional[str]:
     return r.stdout if r.status == 0 else None
 
 
-def run_action(action: str, *, image: Any = None, workdir: Optional[Path] = None,
+def run_action(action: str, *, image: Optional[GuestImage] = None, workdir: Optional[Path] = None,
                verify_in_vm: bool = False) -> Dict[str, Any]:
     """Do one lifecycle path on a fresh VM; returns the row (and the timeline)."""
-    from .. import disks
-    from ..hostinfo import where
-    from ..machine import VM
     if action not in ACTIONS:
         raise SpecError("action", f"unknown action {action!r}", fix="one of: " + ", ".join(ACTIONS))
     own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vmlab-life-")) if own else Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="vmlab-life-")) if workdir is None else Path(workdir)
     try:
         data, scratch = prepare_disks(work, action)
         if action == "paused_boot":      # nothing to keep: the plain lesson guest
-            from ..spec import MachineSpec
             vm = VM(MachineSpec(name="paused-boot", accel="tcg"), image=image)
         else:
             vm = VM(data_spec(data, scratch, action.replace("_", "-")), image=image)
@@ -240,10 +243,9 @@ def run_action(action: str, *, image: Any = None, workdir: Optional[Path] = None
 
 
 def run(quick: bool = False, progress: Progress = None, *, repeats: Optional[int] = None,
-        actions: Sequence[str] = ACTIONS, verify_in_vm: Optional[bool] = None, image: Any = None):
+        actions: Sequence[str] = ACTIONS, verify_in_vm: Optional[bool] = None, image: Optional[GuestImage] = None) -> pd.DataFrame:
     """Every lifecycle path on a fresh VM, ``repeats`` times each (quick: once,
     no re-attach check). One row per action x repeat."""
-    from ..image import ensure_image
     reps = repeats if repeats is not None else (1 if quick else 3)
     if not isinstance(reps, int) or reps < 1:
         raise SpecError("repeats", f"{reps!r} is not a positive whole number", fix="e.g. repeats=3")
@@ -253,18 +255,17 @@ def run(quick: bool = False, progress: Progress = None, *, repeats: Optional[int
     verify = (not quick) if verify_in_vm is None else verify_in_vm
     image = image or ensure_image()
     rows = Rows("lifecycle")
-    with rows.guard():
-        with tempfile.TemporaryDirectory(prefix="vmlab-life-") as tmp:
-            for rep in range(reps):
-                for a in actions:
-                    say(progress, f"lifecycle: {a} (repeat {rep + 1}/{reps})")
-                    row = run_action(a, image=image, workdir=Path(tmp), verify_in_vm=verify)
-                    where = row.pop("_where")
-                    if not rows.where:
-                        rows.where = where
-                    rows.add(repeat=rep, **row)
-                    for f in Path(tmp).iterdir():
-                        f.unlink()
+    with rows.guard(), tempfile.TemporaryDirectory(prefix="vmlab-life-") as tmp:
+        for rep in range(reps):
+            for a in actions:
+                say(progress, f"lifecycle: {a} (repeat {rep + 1}/{reps})")
+                row = run_action(a, image=image, workdir=Path(tmp), verify_in_vm=verify)
+                where = row.pop("_where")
+                if not rows.where:
+                    rows.where = where
+                rows.add(repeat=rep, **row)
+                for f in Path(tmp).iterdir():
+                    f.unlink()
     df = rows.frame()
     first = ["action", "events", "seconds", "data_kept"]
     return df[[c for c in first if c in df] + [c for c in df.columns if c not in first]]
@@ -284,7 +285,6 @@ def events_frame(df: Any):
 def summary(df: Any):
     """Median seconds per action, the usual event sequence, and how often data was kept."""
     import pandas as pd
-    from ..measure import stats
     out = []
     for a in [x for x in ACTIONS if x in set(df["action"])]:
         g = df[df["action"] == a]
@@ -306,14 +306,11 @@ EVENT_MARKERS = {"ACTION": "s", "LAUNCH": "^", "RESUME": ">", "STOP": "<", "READ
 def plot_timeline(df: Any, ax: Any = None, repeat: int = 0, source: Optional[str] = None) -> Any:
     """Each action's events on a time axis (seconds after the action, symlog),
     one lane per action, one marker shape and colour per event kind."""
-    import matplotlib.pyplot as plt
-    from ..plots import OKABE_ITO, style, where_label
     ev = events_frame(df)
     if "repeat" in ev:
         ev = ev[ev["repeat"] == repeat]
     acts = [a for a in ACTIONS if a in set(ev["action"])]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7.5, 0.55 * len(acts) + 1.6))
+    ax = axes(ax, figsize=(7.5, 0.55 * len(acts) + 1.6))
     seen = set()
     for y, a in enumerate(acts):
         g = ev[ev["action"] == a]
@@ -338,11 +335,8 @@ def plot_timeline(df: Any, ax: Any = None, repeat: int = 0, source: Optional[str
 
 def plot_durations(df: Any, ax: Any = None) -> Any:
     """Seconds from each action to its end (READY or QEMU's exit), log scale, one dot per repeat."""
-    import matplotlib.pyplot as plt
-    from ..plots import OKABE_ITO, style, where_label
     acts = [a for a in ACTIONS if a in set(df["action"])]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax = axes(ax, figsize=(6.5, 3.2))
     colors = {"guest": OKABE_ITO[1], "hypervisor": OKABE_ITO[4], "host OS": OKABE_ITO[5]}
     labelled = set()
     for y, a in enumerate(acts):

@@ -23,12 +23,21 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Sequence
 
 from .. import devices as dv
+from .. import plots
 from ..errors import ExperimentError, SpecError, VMError
+from ..guestinfo import nic_socket
 from ..measure import Progress, Rows, say
 from ..netsink import HOST_IP, NetSink, guest_setup
+from ..plots import KIND_COLORS, grouped_bars, style, where_label
+from .contrasts import booted, common_row
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 SINK_PORT, RX_PORT, RR_PORT = 9000, 9001, 9002
 DIRECTIONS = ("guest->host", "host->guest", "rr")
@@ -112,7 +121,7 @@ WORKLOADS = {"guest->host": _tx, "host->guest": _rx, "rr": _rr}
 def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Iterable[str]] = None,
         directions: Optional[Sequence[str]] = None, sizes: Optional[Sequence[int]] = None,
         count: Optional[int] = None, rr_count: Optional[int] = None, repeats: Optional[int] = None,
-        accel: str = "auto", image: Any = None):
+        accel: str = "auto", image: Optional[GuestImage] = None) -> pd.DataFrame:
     """Measure every (device, direction, size, repeat); returns a tidy DataFrame."""
     profs = dv.resolve(devices, "net", quick)
     directions = tuple(directions or DIRECTIONS)
@@ -132,10 +141,10 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     rows = Rows("net")
     with rows.guard():
         for prof in profs:
-            with dv.booted(prof, rows, progress, accel=accel, image=image) as vm:
+            with booted(prof, rows, progress, accel=accel, image=image) as vm:
                 mac = vm.spec.nics[0].mac or "52:54:00:12:34:56"
                 vm.run(guest_setup(prof.guest_path))
-                with NetSink(vm.nic_sockets[0], guest_mac=mac, sink_port=SINK_PORT, rr_port=RR_PORT) as sink:
+                with NetSink(nic_socket(vm, 0), guest_mac=mac, sink_port=SINK_PORT, rr_port=RR_PORT) as sink:
                     probe = dv.Probe(vm, prof)
                     probe.calibrate(f"vmbench udp-send --dst {HOST_IP} --port {SINK_PORT} --size 512 --count 200")
                     _wait_quiet(sink, 200)
@@ -150,7 +159,7 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                                 res = fn(vm, probe, sink, size, n, False)
                                 m = res.pop("m")
                                 rows.add(**{
-                                    **dv.common_row(prof, m, bytes_moved=res["bytes"],
+                                    **common_row(prof, m, bytes_moved=res["bytes"],
                                                     counted_bytes=counted["bytes"], counted=cm),
                                     "repeat": r, "direction": d, "size_bytes": size, "count": n,
                                     **res,
@@ -169,15 +178,12 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
 
 def plot(df, axes=None):
     """Throughput per direction and interventions per MB, one bar per device (medians)."""
-    import matplotlib.pyplot as plt
-    from ..plots import KIND_COLORS, grouped_bars, style, where_label
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11.5, 3.8))
+    axes = plots.axes(axes, figsize=(11.5, 3.8), ncols=2)
     g = df[df.direction != "rr"].groupby(["direction", "size_bytes", "device", "kind"], sort=False)[
         ["throughput_mb_s", "interventions_per_mb"]].median().reset_index()
     g["workload"] = g["direction"].map({"guest->host": "to the host", "host->guest": "to the guest"}).fillna(
         g["direction"]) + "\n" + g["size_bytes"].astype(str) + " B"
-    kind = dict(zip(g["device"], g["kind"]))
+    kind = dict(zip(g["device"], g["kind"], strict=False))
     wls, devs = list(dict.fromkeys(g["workload"])), list(dict.fromkeys(g["device"]))
     for ax, metric, label in ((axes[0], "throughput_mb_s", "throughput (MB/s)"),
                               (axes[1], "interventions_per_mb", "interventions per MB (count/MB)")):

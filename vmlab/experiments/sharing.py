@@ -15,8 +15,8 @@ host saw, and shuts them all down. One summary row per N:
     where-it-ran columns.
 
 ``on_row`` gets every per-VM row (``kind="vm"``) as the VM reports and every
-summary row (``kind="step"``), in the caller's thread: :class:`LivePlot` is
-such a callback for notebooks.
+summary row (``kind="step"``), in the caller's thread:
+:class:`vmlab.widgets.sharing.LivePlot` is such a callback for notebooks.
 """
 
 from __future__ import annotations
@@ -28,12 +28,22 @@ import os
 import queue
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
-from .. import _loop
+from .. import plots
 from ..errors import SpecError
+from ..guestinfo import qemu_pid
 from ..hostinfo import where
+from ..image import ensure_image
 from ..measure import Progress, Rows, say
+from ..plots import OKABE_ITO, style, where_label
+from ..procfs import pss_bytes, rss_bytes, thread_cpu
+from ..vm import AsyncVM, runner
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
 
 NAME = "sharing"
 QUICK_COUNTS = (1, 2, 4)
@@ -54,7 +64,6 @@ def _check(counts: Sequence[int], seconds: float, memory: int) -> None:
 
 
 def _proc_cpu(pid: int, tid: int) -> float:
-    from ..hostview import thread_cpu
     try:
         return thread_cpu(pid, tid)["cpu_s"]
     except (OSError, IndexError, ValueError):
@@ -71,11 +80,9 @@ def _alive(pid: Optional[int]) -> bool:
         return False
 
 
-async def _step(n: int, seconds: float, *, image: Any, memory: int, accel: str, warm: bool,
+async def _step(n: int, seconds: float, *, image: Optional[GuestImage], memory: int, accel: str, warm: bool,
                 emit: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     """Start n VMs, run the job in all at once, shut all down; per-VM rows go to ``emit``."""
-    from ..hostview import pss_bytes, rss_bytes
-    from ..machine import AsyncVM
     vms = [AsyncVM(accel=accel, memory=memory, name="share", image=image, warm=warm) for _ in range(n)]
     t0 = time.monotonic()
     result: Dict[str, Any] = {"vms": n}
@@ -89,11 +96,12 @@ async def _step(n: int, seconds: float, *, image: Any, memory: int, accel: str, 
         result["warm_restored"] = sum(v.warm_restored for v in vms)
         result["kernel"] = vms[0].kernel_release or (await vms[0].run("uname -r")).stdout.strip()
         result["accel_used"] = vms[0].accel
+        qpids = [qemu_pid(v) for v in vms]
         vcpu = []
         for v in vms:
             cpus = await v.qmp("query-cpus-fast")
             vcpu.append(int(cpus[0]["thread-id"]))
-        cpu0 = [_proc_cpu(v.pid, t) for v, t in zip(vms, vcpu)]
+        cpu0 = [_proc_cpu(p, t) for p, t in zip(qpids, vcpu, strict=False)]
         emit({"kind": "status", "message": f"{n} VM(s): running vmbench spin --seconds {seconds:g} in all"})
         go = time.monotonic()
 
@@ -104,8 +112,8 @@ async def _step(n: int, seconds: float, *, image: Any, memory: int, accel: str, 
             row = {"kind": "vm", "vms": n, "vm": i, "pid": v.pid, "started": started,
                    "ops_per_s": out["ops_per_s"], "guest_user_s": out["user_s"],
                    "steal_ticks": out.get("steal_ticks"), "wall_s": res.wall_s,
-                   "vcpu_host_cpu_s": _proc_cpu(v.pid, vcpu[i]) - cpu0[i],
-                   "rss_mb": rss_bytes(v.pid) / 2**20, "boot_s": v.boot_seconds,
+                   "vcpu_host_cpu_s": _proc_cpu(qpids[i], vcpu[i]) - cpu0[i],
+                   "rss_mb": rss_bytes(qpids[i]) / 2**20, "boot_s": v.boot_seconds,
                    "warm": v.warm_restored}
             emit(row)
             return row
@@ -113,8 +121,8 @@ async def _step(n: int, seconds: float, *, image: Any, memory: int, accel: str, 
         rows = await asyncio.gather(*(job(i, v) for i, v in enumerate(vms)))
         wall = time.monotonic() - go
         ops = [r["ops_per_s"] for r in rows]
-        rss = sum(rss_bytes(v.pid) for v in vms) / 2**20
-        pss = sum(pss_bytes(v.pid) for v in vms) / 2**20
+        rss = sum(rss_bytes(p) for p in qpids) / 2**20
+        pss = sum(pss_bytes(p) for p in qpids) / 2**20
         cpu = sum(r["vcpu_host_cpu_s"] for r in rows)
         done = sum(r["ops_per_s"] * seconds for r in rows)
         result.update({"per_vm_ops_s": statistics.median(ops), "per_vm_min_ops_s": min(ops),
@@ -131,9 +139,9 @@ async def _step(n: int, seconds: float, *, image: Any, memory: int, accel: str, 
     return result
 
 
-def _drive(coro: Any, on_item: Callable[[Dict[str, Any]], None], q: "queue.Queue") -> Any:
+def _drive(coro: Any, on_item: Callable[[Dict[str, Any]], None], q: queue.Queue) -> Any:
     """Run *coro* on vmlab's loop; hand what it queues to *on_item* in this thread meanwhile."""
-    fut = asyncio.run_coroutine_threadsafe(coro, _loop.get_loop())
+    fut = asyncio.run_coroutine_threadsafe(coro, runner.get_loop())
     finished = False
     try:
         while True:
@@ -158,7 +166,7 @@ def _drive(coro: Any, on_item: Callable[[Dict[str, Any]], None], q: "queue.Queue
 
 def run(quick: bool = False, progress: Progress = None, *, counts: Optional[Sequence[int]] = None,
         seconds: Optional[float] = None, memory: int = 128, accel: str = "tcg", warm: bool = True,
-        image: Any = None, on_row: Optional[Callable[[Dict[str, Any]], None]] = None):
+        image: Optional[GuestImage] = None, on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> pd.DataFrame:
     """N VMs (quick: 1, 2, 4; else 1, 2, 4, 8) run ``vmbench spin`` at once; one row per N."""
     counts = tuple(counts) if counts is not None else (QUICK_COUNTS if quick else FULL_COUNTS)
     seconds = seconds if seconds is not None else (2.0 if quick else 5.0)
@@ -166,10 +174,9 @@ def run(quick: bool = False, progress: Progress = None, *, counts: Optional[Sequ
     if accel not in ("tcg", "kvm", "auto"):
         raise SpecError("accel", f"{accel!r} is not tcg, kvm or auto", fix='accel="tcg"')
     if image is None:
-        from ..image import ensure_image
         image = ensure_image()
     rows = Rows(NAME)
-    q: "queue.Queue" = queue.Queue()
+    q: queue.Queue = queue.Queue()
 
     def on_item(item: Dict[str, Any]) -> None:
         if item.get("kind") == "status":
@@ -200,10 +207,7 @@ def run(quick: bool = False, progress: Progress = None, *, counts: Optional[Sequ
 # --------------------------------------------------------------------------- plots
 def plot(df: Any, axes: Any = None, per_vm: Optional[List[Dict[str, Any]]] = None) -> Any:
     """Per-VM and total throughput vs N, and the host's memory footprint vs N."""
-    import matplotlib.pyplot as plt
-    from ..plots import OKABE_ITO, style, where_label
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes = plots.axes(axes, figsize=(10, 3.8), ncols=2)
     ax1, ax2 = axes
     ax1.clear()
     ax2.clear()
@@ -238,37 +242,3 @@ def plot(df: Any, axes: Any = None, per_vm: Optional[List[Dict[str, Any]]] = Non
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     return axes
-
-
-class LivePlot:
-    """An ``on_row`` callback that redraws the sharing plot in a notebook as VMs report.
-
-        live = sharing.LivePlot()
-        df = sharing.run(quick=QUICK, on_row=live)
-    """
-
-    def __init__(self) -> None:
-        import matplotlib.pyplot as plt
-        self.fig, self.axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        self.fig.tight_layout()
-        plt.close(self.fig)  # shown through the display handle only
-        self.per_vm: List[Dict[str, Any]] = []
-        self.steps: List[Dict[str, Any]] = []
-        self.handle = None
-        try:
-            from IPython.display import display
-            self.handle = display(self.fig, display_id=True)
-        except ImportError:
-            pass
-
-    def __call__(self, row: Dict[str, Any]) -> None:
-        import pandas as pd
-        if row.get("kind") == "vm":
-            self.per_vm.append(row)
-        elif row.get("kind") == "step":
-            self.steps.append(row)
-        df = pd.DataFrame(self.steps) if self.steps else None
-        plot(df, self.axes, self.per_vm)
-        self.fig.tight_layout()
-        if self.handle is not None:
-            self.handle.update(self.fig)

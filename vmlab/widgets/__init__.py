@@ -1,4 +1,13 @@
-"""Jupyter widgets for the lessons: predict-then-measure exercises (predict), the VM control panel (control_panel)."""
+"""Jupyter widgets for the lessons, one module each:
+
+predict        predict-then-measure exercises (Prediction, Solution, Check)
+control_panel  the VM control panel (ControlPanel)
+devices        a device contrast run live (contrast_widget)
+cpu            one nanobenchmark, native vs guest (CompareWidget)
+balloon        the memory balloon, live (BalloonWidget)
+sharing        the sharing experiment's plot, redrawn as VMs report (LivePlot)
+race           two VMs' disks side by side, for the instructor dashboard (DeviceRace)
+"""
 
 
 def __getattr__(name: str):

@@ -15,22 +15,29 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from ..experiments.balloon import plot, sample, set_balloon, touch
+from ..guestinfo import where_vm
+from ..plots import figure
+from ..vm import VM
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class BalloonWidget:
     """Slider -> ``balloon`` target; plot of guest MemTotal/MemAvailable and QEMU RSS."""
 
-    def __init__(self, vm: Any, step: int = 8, touch_mb: Optional[int] = None) -> None:
+    def __init__(self, vm: VM, step: int = 8, touch_mb: Optional[int] = None) -> None:
         import ipywidgets as W
-        from ..platform import sample
         self.vm = vm
         self.samples: List[Dict[str, Any]] = []
         self.t0 = time.monotonic()
         mem = vm.spec.memory_mb
         first = sample(vm, self.t0, target_mb=mem)
         self.samples.append(dict(first, phase="start"))
-        self.slider = W.IntSlider(value=int(round(first["balloon_actual_mb"])), min=64, max=mem, step=step,
+        self.slider = W.IntSlider(value=round(first["balloon_actual_mb"]), min=64, max=mem, step=step,
                                   description="guest MiB", continuous_update=False,
                                   layout=W.Layout(width="420px"))
         self.touch_mb = W.BoundedIntText(value=touch_mb or mem // 2, min=1, max=mem, description="touch MiB",
@@ -66,7 +73,6 @@ class BalloonWidget:
 
     def set_target(self, target_mb: int) -> int:
         """Ask for a guest memory size; samples both views until the balloon settles. Returns actual MiB."""
-        from ..platform import set_balloon
         self.status.value = f"balloon target {target_mb} MiB..."
         actual = set_balloon(self.vm, target_mb, on_sample=lambda s: self._add(s, f"target {target_mb}"),
                              t0=self.t0, every=0.4) >> 20
@@ -85,31 +91,27 @@ class BalloonWidget:
 
     def touch(self, mb: int) -> Dict[str, Any]:
         """The guest writes ``mb`` MiB then frees it: watch the host's RSS."""
-        from ..platform import touch
         self.status.value = f"guest touching {mb} MiB..."
         res = touch(self.vm, mb)
         self.sample(phase=f"touched {mb}")
         return res
 
     def sample(self, phase: str = "sample") -> Dict[str, Any]:
-        from ..platform import sample
         s = sample(self.vm, self.t0, target_mb=self.slider.value)
         self._add(s, phase)
         return s
 
     # ---------------------------------------------------------------- views
-    def frame(self) -> Any:
+    def frame(self) -> pd.DataFrame:
         import pandas as pd
-        from ..hostinfo import where
         df = pd.DataFrame(self.samples)
-        for k, v in where(self.vm.accel, self.vm.kernel_release).items():
+        for k, v in where_vm(self.vm).items():
             df[k] = v
         return df
 
     def _redraw(self) -> None:
         import matplotlib.pyplot as plt
         from IPython.display import clear_output, display
-        from ..platform import plot_balloon
         last = self.samples[-1]
         self.status.value = (f"guest MemTotal <b>{last['guest_total_mb']:.0f} MiB</b>, "
                              f"MemAvailable {last['guest_available_mb']:.0f} MiB; "
@@ -117,8 +119,8 @@ class BalloonWidget:
                              f"host: QEMU RSS <b>{last['qemu_rss_mb']:.0f} MiB</b>")
         with self.plot_out:
             clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(8, 3.6))
-            plot_balloon(self.frame(), ax=ax)
+            fig, ax = figure(figsize=(8, 3.6))
+            plot(self.frame(), ax=ax)
             display(fig)
             plt.close(fig)
 

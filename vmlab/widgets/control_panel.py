@@ -28,12 +28,16 @@ import html
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import ipywidgets as W
 
-from ..machine import VM, RunState
+from ..errors import SpecError, StateError, VMTimeout
 from ..spec import MachineSpec
+from ..vm import VM, RunState
+
+if TYPE_CHECKING:
+    from ..image import GuestImage
 
 BUTTONS = [  # key, label, icon, tooltip, style
     ("start", "Start", "play", "launch QEMU and boot the guest", "success"),
@@ -66,7 +70,7 @@ class ControlPanel:
     """A live control panel for one lesson VM (see the module docstring)."""
 
     def __init__(self, vm_or_spec: Any = None, *, interval: float = 0.3, console_lines: int = 12,
-                 poll: bool = True, image: Any = None, on_new_vm: Optional[Callable[[VM], None]] = None,
+                 poll: bool = True, image: Optional[GuestImage] = None, on_new_vm: Optional[Callable[[VM], None]] = None,
                  **vm_fields: Any) -> None:
         if isinstance(vm_or_spec, VM):
             self.vm = vm_or_spec
@@ -76,7 +80,6 @@ class ControlPanel:
                 kw["image"] = image
             self.vm = VM(vm_or_spec, **kw)
         else:
-            from ..errors import SpecError
             raise SpecError("vm_or_spec", f"expected a VM or a MachineSpec, got {vm_or_spec!r}",
                             fix="ControlPanel(MachineSpec(...)) or ControlPanel(vm)")
         self.interval = float(interval)
@@ -159,7 +162,6 @@ class ControlPanel:
                 self._safe_refresh()
                 return st
             time.sleep(0.05)
-        from ..errors import VMTimeout
         raise VMTimeout(f"the panel's VM to be {' or '.join(names)} (it is {self.state_name}; "
                         f"last error: {self.error_text or 'none'})", timeout)
 
@@ -296,7 +298,6 @@ class ControlPanel:
                 if self.on_new_vm:
                     self.on_new_vm(self.vm)
             elif self.vm.state is not RunState.CREATED:
-                from ..errors import StateError
                 raise StateError(f"cannot start: the VM is {self.vm.state.value}", fix="it is already started")
             self._busy = "starting"
             self._start_poller()
@@ -367,7 +368,7 @@ class ControlPanel:
                   self.errors]:
             w.close()
 
-    def __enter__(self) -> "ControlPanel":
+    def __enter__(self) -> ControlPanel:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -97,12 +97,12 @@ class Prediction:
     """
 
     def __init__(self, question: str, unit: str = "", measure: Any = None,
-                 feedback: Optional[Callable[[Optional[float], float], str]] = None, *,
+                 feedback: Optional[Callable[[Optional[float], Optional[float]], str]] = None, *,
                  low: Optional[Number] = None, high: Optional[Number] = None, log: bool = False,
                  value: Optional[Number] = None, tolerance: float = 2.0) -> None:
         if (low is None) != (high is None):
             raise ValueError("give both low and high for a slider, or neither for a text box")
-        if low is not None and not low < high:
+        if low is not None and high is not None and not low < high:
             raise ValueError(f"low ({low}) must be below high ({high})")
         if log and (low is None or low <= 0):
             raise ValueError("a log slider needs 0 < low < high")
@@ -116,10 +116,10 @@ class Prediction:
         self.measurement: Optional[float] = None
         self.feedback_text = ""
         self._initial = value
-        self._widget = None
+        self._widget: Any = None
 
     # ----------------------------------------------------------- headless API
-    def record(self, value: Optional[Number]) -> "Prediction":
+    def record(self, value: Optional[Number]) -> Prediction:
         """Record a prediction from code (the widget's button does the same)."""
         if value is not None:
             value = float(value)
@@ -171,7 +171,7 @@ class Prediction:
     def _build(self):
         import ipywidgets as W
         q = W.HTML(f"<b>Predict:</b> {html.escape(self.question)}")
-        if self.low is not None:
+        if self.low is not None and self.high is not None:
             if self.log:
                 lo, hi = math.log10(self.low), math.log10(self.high)
                 start = math.log10(self._initial) if self._initial else (lo + hi) / 2
@@ -245,7 +245,7 @@ class Solution:
         self.markdown = markdown
         self.label = label
         self.revealed = False
-        self._widget = None
+        self._widget: Any = None
 
     def reveal(self) -> None:
         self.revealed = True
@@ -319,7 +319,7 @@ class Check:
         self.answers: List[Optional[int]] = [None] * len(qs)
         self.score: Optional[int] = None
         self.results: List[str] = []
-        self._widget = None
+        self._widget: Any = None
 
     def answer(self, indices: Sequence[Optional[int]]) -> int:
         """Answer from code (headless); returns the score. The widget's button calls this."""
@@ -327,7 +327,7 @@ class Check:
             raise ValueError(f"give {len(self.questions)} answers, got {len(indices)}")
         self.answers = list(indices)
         score, lines = 0, []
-        for n, ((q, choices, right, why), got) in enumerate(zip(self.questions, self.answers), 1):
+        for n, ((_q, choices, right, why), got) in enumerate(zip(self.questions, self.answers, strict=False), 1):
             if got is None:
                 lines.append(f"{n}. not answered. The answer: {choices[right]}. {why}")
             elif got == right:
@@ -357,7 +357,7 @@ class Check:
             self._out = W.HTML("")
             self._out.add_class("vmlab-check-result")
             b.on_click(lambda _b: self.answer([r.value for r in self._radios]))
-            self._widget = W.VBox(parts + [b, self._out])
+            self._widget = W.VBox([*parts, b, self._out])
             self._widget.add_class("vmlab-check")
         return self._widget
 

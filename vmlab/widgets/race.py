@@ -6,10 +6,17 @@ they run. Used by the instructor dashboard notebooks/demo/DeviceRace.ipynb.
 from __future__ import annotations
 
 import html
+import io
 import json
 import threading
 import time
 from typing import Any, Callable, Dict, List, Sequence
+
+from .. import devices, plots
+from ..errors import SpecError
+from ..guestinfo import where_vm
+from ..vm import VM
+
 
 class DeviceRace:
     """Two (or more) VMs read their disks side by side; a plot of cumulative MB vs time grows as they run.
@@ -25,7 +32,6 @@ class DeviceRace:
     def __init__(self, devices: Sequence[str] = ("ide-pio", "virtio-blk"), *, seconds: float = 30,
                  chunk_mb: int = 4, bs: int = 65536, disk_mb: int = 64, interval: float = 0.5,
                  accel: str = "auto") -> None:
-        from ..errors import SpecError
         if not 0 < chunk_mb < disk_mb:
             raise SpecError("chunk_mb", f"{chunk_mb} must be between 0 and the disk size {disk_mb}",
                             fix="e.g. chunk_mb=4, disk_mb=64")
@@ -39,11 +45,10 @@ class DeviceRace:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._threads: List[threading.Thread] = []
-        self._widget = None
+        self._widget: Any = None
 
     @staticmethod
     def _profile(name: str) -> Dict[str, Any]:
-        from .. import devices
         p = devices.get(name, "disk")
         return dict(name=p.name, kind=p.kind, title=p.title, path=p.guest_path,
                     spec=lambda accel, mb, p=p: p.spec(accel=accel, disk_size=f"{mb}M", trace=False,
@@ -51,13 +56,11 @@ class DeviceRace:
 
     # ------------------------------------------------------------- running
     def _race_one(self, racer: Dict[str, Any], ready: threading.Barrier) -> None:
-        from ..machine import VM
-        from ..hostinfo import where
         name = racer["name"]
         vm = None
         try:
             vm = VM(racer["spec"](self.accel, self.disk_mb)).start()
-            self.where = where(vm.accel, vm.kernel_release)
+            self.where = where_vm(vm)
             ready.wait(timeout=120)
             t0, total, k = time.monotonic(), 0, 0
             self.data[name] = [(0.0, 0.0)]
@@ -135,7 +138,6 @@ class DeviceRace:
 
     def figure_png(self) -> bytes:
         from matplotlib.figure import Figure
-        from .. import plots
         fig = Figure(figsize=(8, 3.6), dpi=100)
         ax = fig.add_subplot(1, 1, 1)
         rates = self.rates()
@@ -151,7 +153,6 @@ class DeviceRace:
         plots.style(ax, title="Device race: data read from the virtual disk", xlabel="time since the start (s)",
                     ylabel="data read (MB)", source=src)
         fig.tight_layout()
-        import io
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()

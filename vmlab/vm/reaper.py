@@ -27,11 +27,19 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
+
+from ..config import private_root
+from ..log import get_logger
+from ..procfs import comm, start_time
+
+__all__ = ["DIR_PREFIX", "OWNER_FILE", "claim_dir", "finalizer", "kill_pid", "live_pids", "pdeathsig_preexec",
+           "pdeathsig_prefix", "private_root", "register", "start_time", "sweep_stale", "unregister"]
+
+log = get_logger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _lock = threading.Lock()
@@ -46,7 +54,7 @@ def pdeathsig_prefix() -> List[str]:
     return []
 
 
-def pdeathsig_preexec():
+def pdeathsig_preexec() -> Optional[Callable[[], None]]:
     """A preexec_fn doing the same when setpriv is missing."""
     if shutil.which("setpriv"):
         return None
@@ -61,6 +69,7 @@ def pdeathsig_preexec():
 
 
 def register(pid: int, private_dir: Optional[Path]) -> None:
+    """Kill *pid* (and remove *private_dir*) at interpreter exit unless unregistered first."""
     with _lock:
         _live[pid] = str(private_dir) if private_dir else None
     if private_dir:
@@ -69,6 +78,7 @@ def register(pid: int, private_dir: Optional[Path]) -> None:
 
 
 def unregister(pid: int) -> None:
+    """*pid* has exited or been reaped: nothing left to kill at exit."""
     with _lock:
         _live.pop(pid, None)
 
@@ -93,12 +103,14 @@ def kill_pid(pid: int, private_dir: Optional[str] = None) -> None:
 
 
 def finalizer(owner: object, pid: int, private_dir: Optional[Path]) -> weakref.finalize:
+    """Kill *pid* and remove *private_dir* when *owner* is garbage-collected (or at exit)."""
     fin = weakref.finalize(owner, kill_pid, pid, str(private_dir) if private_dir else None)
     fin.atexit = True
     return fin
 
 
 def live_pids() -> List[int]:
+    """The QEMU pids registered (started and not yet seen exiting)."""
     with _lock:
         return list(_live)
 
@@ -119,27 +131,6 @@ DIR_PREFIX = "vmlab-"
 _swept = False
 
 
-def private_root() -> Path:
-    """Where private VM directories live: $XDG_RUNTIME_DIR if usable, else the temp dir."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
-        return Path(base)
-    return Path(tempfile.gettempdir())
-
-
-def start_time(pid: int) -> Optional[int]:
-    """The process's start time (clock ticks since boot), or None if it does not exist.
-
-    With the pid it identifies a process for sure: a recycled pid has another start time.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _alive(pid: Optional[int], started: Optional[int]) -> bool:
     if not pid:
         return False
@@ -150,7 +141,7 @@ def _alive(pid: Optional[int], started: Optional[int]) -> bool:
 def claim_dir(private_dir: Path, qemu_pid: Optional[int] = None) -> None:
     """Write the owner file into a private dir: this process owns it (and *qemu_pid*)."""
     me = os.getpid()
-    info = {"owner": me, "owner_start": start_time(me)}
+    info: Dict[str, Optional[int]] = {"owner": me, "owner_start": start_time(me)}
     if qemu_pid:
         info["qemu"] = qemu_pid
         info["qemu_start"] = start_time(qemu_pid)
@@ -161,17 +152,14 @@ def claim_dir(private_dir: Path, qemu_pid: Optional[int] = None) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(info, f)
         os.replace(tmp, path)
-    except OSError:
-        pass   # a vanished dir (VM already gone) or a full disk: the sweep then leaves it alone
+    except OSError as exc:
+        # a vanished dir (VM already gone) or a full disk: the sweep then leaves it alone
+        log.debug("could not write the owner file of %s: %s", private_dir, exc)
 
 
 def _is_qemu(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().strip()
-    except OSError:
-        return False
-    return comm.startswith("qemu") or comm == "setpriv"
+    name = comm(pid)
+    return name.startswith("qemu") or name == "setpriv"
 
 
 def sweep_stale(root: Optional[Path] = None) -> List[Path]:
@@ -206,8 +194,8 @@ def sweep_stale(root: Optional[Path] = None) -> List[Path]:
         if qemu and _alive(qemu, info.get("qemu_start")) and _is_qemu(int(qemu)):
             try:
                 os.kill(int(qemu), signal.SIGKILL)
-            except OSError:
-                pass
+            except OSError as exc:
+                log.debug("could not kill stray QEMU %s: %s", qemu, exc)
         shutil.rmtree(e.path, ignore_errors=True)
         if not os.path.exists(e.path):
             removed.append(Path(e.path))
@@ -222,5 +210,5 @@ def _sweep_once() -> None:
     _swept = True
     try:
         sweep_stale()
-    except Exception:   # never let clean-up of others' leftovers break a start
-        pass
+    except Exception as exc:   # never let clean-up of others' leftovers break a start
+        log.debug("sweeping stale private dirs failed: %r", exc)

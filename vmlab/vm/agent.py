@@ -14,7 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from .errors import GuestError
+from ..errors import GuestError
+from ..log import get_logger
+
+__all__ = ["AgentClient", "RunResult"]
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class AgentClient:
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
-        self._pending: Dict[int, asyncio.Future] = {}
+        self._pending: Dict[int, asyncio.Future[_Frame]] = {}
         self._hello = asyncio.Event()
         self._on_bye = on_bye
         self.kernel_release: Optional[str] = None
@@ -128,7 +133,12 @@ class AgentClient:
         """After a restore the guest agent is already running: no HELLO comes."""
         self._hello.set()
 
-    async def _request(self, type_: str, a: int = 0, p1: bytes = b"", p2: bytes = b"") -> Tuple[int, asyncio.Future]:
+    def forget_hello(self) -> None:
+        """The guest is about to reboot (a reset): not ready until its next HELLO."""
+        self._hello.clear()
+
+    async def _request(self, type_: str, a: int = 0, p1: bytes = b"",
+                       p2: bytes = b"") -> Tuple[int, asyncio.Future[_Frame]]:
         if self.closed_reason:
             raise GuestError(self.closed_reason)
         rid = next(self._ids)
@@ -138,7 +148,7 @@ class AgentClient:
         await self._writer.drain()
         return rid, fut
 
-    async def _answer(self, rid: int, fut: asyncio.Future, timeout: Optional[float], what: str) -> _Frame:
+    async def _answer(self, rid: int, fut: asyncio.Future[_Frame], timeout: Optional[float], what: str) -> _Frame:
         try:
             f: _Frame = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -159,8 +169,8 @@ class AgentClient:
         except (asyncio.TimeoutError, asyncio.CancelledError):
             try:
                 self._writer.write(f"KILL {rid} 0 0 0 0\n".encode())
-            except Exception:
-                pass
+            except Exception as exc:    # the channel is gone: so is the command
+                log.debug("could not send KILL for agent request %d: %r", rid, exc)
             raise
         return RunResult(command=command, status=f.a, stdout=f.p1.decode(errors="replace"),
                          stderr=f.p2.decode(errors="replace"), guest_s=f.b / 1e9,
@@ -179,12 +189,15 @@ class AgentClient:
         return (await self._answer(rid, fut, timeout, "ping")).a
 
     async def close(self) -> None:
+        """Stop reading and close the channel (pending requests fail)."""
         self._task.cancel()
         try:
             await self._task
-        except (asyncio.CancelledError, Exception):
+        except asyncio.CancelledError:
             pass
+        except Exception as exc:
+            log.debug("agent reader ended with %r", exc)
         try:
             self._writer.close()
-        except Exception:
-            pass
+        except Exception as exc:
+            log.debug("closing the agent channel failed: %r", exc)

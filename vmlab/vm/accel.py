@@ -5,6 +5,12 @@ nested KVM) the device opens and VMs are created, yet a stock kernel hangs in
 early boot. So ``accel="auto"`` boots the lesson guest under KVM with a short
 timeout, remembers the verdict for this host (QEMU version, host kernel and
 image), and falls back to TCG with the reason.
+
+The probe boots whatever it is given: :func:`probe_kvm` and
+:func:`resolve_accel` take a ``boot`` callable that makes an unstarted VM (the
+VM driver passes one that makes an ``AsyncVM``), so this module never imports
+the VM class. ``vmlab.vm.kvm_verdict()`` and ``require_kvm()`` are the
+synchronous entry points.
 """
 
 from __future__ import annotations
@@ -15,22 +21,59 @@ import os
 import platform
 import socket
 import time
-from typing import Any, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Optional, Protocol, Tuple, TypedDict, cast
 
-from .errors import AccelUnavailable, VMLabError, VMTimeout
-from .hostinfo import host_virtualization
+from .. import config
+from ..errors import AccelUnavailable, VMLabError, VMTimeout
+from ..hostinfo import host_virtualization
+from ..image import GuestImage, ensure_image
+from ..log import get_logger
+from ..tools import qemu_version
+
+__all__ = ["PROBE_TIMEOUT", "BootKVM", "KvmVerdict", "ProbeVM", "kvm_device_problem", "probe_kvm",
+           "resolve_accel"]
+
+log = get_logger(__name__)
 
 PROBE_TIMEOUT = 12.0
-_cache: Dict[str, Dict[str, Any]] = {}
 
 
-def _verdict_file():
-    from .image import cache_dir
-    return cache_dir() / "accel-verdicts.json"
+class KvmVerdict(TypedDict):
+    """Whether KVM boots guests here, and why (``cached``: from an earlier probe)."""
+
+    accel: str
+    usable: bool
+    reason: str
+    fix: str
+    seconds: float
+    checked: float
+    cached: bool
+
+
+class ProbeVM(Protocol):
+    """What the probe needs of the VM it boots."""
+
+    boot_seconds: Optional[float]
+
+    async def start(self) -> object: ...
+
+    async def run(self, command: str, *, timeout: Optional[float] = ..., check: bool = ...) -> object: ...
+
+    async def shutdown(self, timeout: float = ...) -> None: ...
+
+
+#: Makes an unstarted VM that boots *image* under KVM within *timeout* seconds.
+BootKVM = Callable[[GuestImage, float], ProbeVM]
+
+_cache: Dict[str, KvmVerdict] = {}
+
+
+def _verdict_file() -> Path:
+    return config.cache_dir() / "accel-verdicts.json"
 
 
 def _host_key(image_key: str) -> str:
-    from .qemu import qemu_version
     return f"{socket.gethostname()}|{platform.release()}|qemu-{qemu_version()}|{image_key}"
 
 
@@ -48,27 +91,26 @@ def kvm_device_problem() -> Optional[str]:
     return None
 
 
-def _load() -> Dict[str, Dict[str, Any]]:
+def _load() -> Dict[str, KvmVerdict]:
     try:
-        return json.loads(_verdict_file().read_text())
+        return cast(Dict[str, KvmVerdict], json.loads(_verdict_file().read_text()))
     except (OSError, ValueError):
         return {}
 
 
-def _store(key: str, verdict: Dict[str, Any]) -> None:
+def _store(key: str, verdict: KvmVerdict) -> None:
     data = _load()
     data[key] = verdict
-    path = _verdict_file()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    config.atomic_write(_verdict_file(), json.dumps(data, indent=1), mode=0o600)
 
 
-async def probe_kvm(image: Any = None, timeout: float = PROBE_TIMEOUT, use_cache: bool = True) -> Dict[str, Any]:
-    """Prove KVM by booting the lesson guest under it. Returns
-    ``{"accel": "kvm", "usable": bool, "reason": str, "seconds": float, "checked": time}``."""
-    from .image import ensure_image
+async def probe_kvm(boot: BootKVM, image: Optional[GuestImage] = None, timeout: float = PROBE_TIMEOUT,
+                    use_cache: bool = True) -> KvmVerdict:
+    """Prove KVM by booting the lesson guest under it (a VM made by ``boot(image, timeout)``).
+
+    Returns ``{"accel": "kvm", "usable": bool, "reason": str, "fix": str, "seconds": float,
+    "checked": time, "cached": bool}``.
+    """
     problem = kvm_device_problem()
     if problem:
         fix = ("sudo usermod -aG kvm $USER, then log in again" if "may not open" in problem
@@ -80,20 +122,18 @@ async def probe_kvm(image: Any = None, timeout: float = PROBE_TIMEOUT, use_cache
     key = _host_key(image.key)
     if use_cache:
         if key in _cache:
-            return dict(_cache[key], cached=True)
+            return {**_cache[key], "cached": True}
         stored = _load().get(key)
         if stored:
             _cache[key] = stored
-            return dict(stored, cached=True)
-    from .machine import AsyncVM
+            return {**stored, "cached": True}
     t0 = time.monotonic()
-    vm = AsyncVM(accel="kvm", name="kvm-probe", image=image, boot_timeout=timeout)
-    vm.accel = "kvm"
+    vm = boot(image, timeout)
     usable, reason = False, ""
     try:
         await vm.start()
         await vm.run("true", timeout=10)
-        usable, reason = True, f"a guest booted under KVM in {vm.boot_seconds:.2f} s"
+        usable, reason = True, f"a guest booted under KVM in {vm.boot_seconds or 0:.2f} s"
     except VMLabError as exc:
         stderr = getattr(exc, "stderr", "") or ""
         hv = host_virtualization()
@@ -110,24 +150,24 @@ async def probe_kvm(image: Any = None, timeout: float = PROBE_TIMEOUT, use_cache
             reason += "; this host is itself a VM, so KVM here is nested and may lack features"
     finally:
         await vm.shutdown(timeout=5)
-    verdict = {"accel": "kvm", "usable": usable, "reason": reason,
+    verdict: KvmVerdict = {"accel": "kvm", "usable": usable, "reason": reason,
                "fix": "" if usable else "nothing to fix for the lessons: they run under TCG (slower, same lessons)",
                "seconds": round(time.monotonic() - t0, 3), "checked": time.time(), "cached": False}
     _cache[key] = verdict
     try:
         _store(key, verdict)
-    except OSError:
-        pass
+    except OSError as exc:     # the verdict is then probed again next time
+        log.debug("could not store the KVM verdict: %s", exc)
     return verdict
 
 
-async def resolve_accel(requested: str) -> Tuple[str, str]:
-    """Map ``auto``/``tcg``/``kvm`` to the accelerator to use and why.
+async def resolve_accel(requested: str, boot: BootKVM) -> Tuple[str, str]:
+    """Map ``auto``/``tcg``/``kvm`` to the accelerator to use and why (``boot``: see :func:`probe_kvm`).
 
     ``kvm`` asked for explicitly and not usable raises AccelUnavailable.
     """
-    env = os.environ.get("VMLAB_ACCEL")
-    if requested == "auto" and env in ("tcg", "kvm"):
+    env = config.accel_override()
+    if requested == "auto" and env is not None:
         requested = env
     if requested == "tcg":
         return "tcg", "TCG asked for"
@@ -139,33 +179,16 @@ async def resolve_accel(requested: str) -> Tuple[str, str]:
         if cached is not None and not cached["usable"]:
             raise AccelUnavailable("kvm", cached["reason"], fix="use accel='tcg' or accel='auto'")
         return "kvm", "KVM asked for"
-    verdict = await probe_kvm()
+    verdict = await probe_kvm(boot)
     if verdict["usable"]:
         return "kvm", "KVM proven by booting a guest"
     return "tcg", "KVM not usable here: " + verdict["reason"]
 
 
-async def _cached_verdict() -> Optional[Dict[str, Any]]:
-    from .image import ensure_image
+async def _cached_verdict() -> Optional[KvmVerdict]:
     try:
         image = await asyncio.get_running_loop().run_in_executor(None, ensure_image)
     except VMLabError:
         return None
     key = _host_key(image.key)
     return _cache.get(key) or _load().get(key)
-
-
-def kvm_verdict(use_cache: bool = True) -> Dict[str, Any]:
-    """Synchronous probe_kvm for notebooks and the CLI."""
-    from . import _loop
-    return _loop.run(probe_kvm(use_cache=use_cache))
-
-
-def require_kvm() -> None:
-    """Raise AccelUnavailable (with the reason) unless KVM is proven here.
-
-    Notebooks call this in KVM-only cells and show the TCG picture instead.
-    """
-    v = kvm_verdict()
-    if not v["usable"]:
-        raise AccelUnavailable("kvm", v["reason"], fix=v.get("fix") or "use TCG")

@@ -1,4 +1,5 @@
-"""QEMU itself: finding the binary, its version, and the command line for a spec.
+"""QEMU itself: finding the binary, its version, the command line for a spec, and what its
+errors mean (:func:`launch_fix`).
 
 The command line is locked down by default: ``-nodefaults``, no display,
 ``-sandbox on``, QMP and every chardev on file descriptors the library hands
@@ -7,56 +8,15 @@ over (socketpairs), user networking with ``restrict=on``.
 
 from __future__ import annotations
 
-import functools
-import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .errors import SetupError
-from .spec import NIC_MODELS, MachineSpec
+from ..spec import NIC_MODELS, MachineSpec
+from ..tools import qemu_binary
 
 AGENT_PORT = "org.vmlab.agent"
 BASE_KERNEL_ARGS = "console={console} quiet panic=-1 tsc=reliable no_timer_check"
-
-
-def qemu_binary() -> str:
-    """Path of qemu-system-x86_64 (``$VMLAB_QEMU`` overrides)."""
-    name = os.environ.get("VMLAB_QEMU", "qemu-system-x86_64")
-    path = shutil.which(name)
-    if not path:
-        raise SetupError(f"QEMU is not installed: {name!r} is not on PATH",
-                         fix="apt-get install qemu-system-x86 qemu-utils (or run `make setup`); "
-                             "or set VMLAB_QEMU to the binary")
-    return path
-
-
-@functools.lru_cache(maxsize=8)
-def _version_of(path: str) -> str:
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(f"cannot run {path} --version: {exc}",
-                         fix="reinstall QEMU: apt-get install --reinstall qemu-system-x86") from exc
-    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
-    if not m:
-        raise SetupError(f"{path} did not report a version ({out.strip()[:80]!r})",
-                         fix="point VMLAB_QEMU at a qemu-system-x86_64 binary")
-    return m.group(1)
-
-
-def qemu_version() -> str:
-    return _version_of(qemu_binary())
-
-
-def qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if not path:
-        raise SetupError("qemu-img is not installed", fix="apt-get install qemu-utils")
-    return path
 
 
 @dataclass
@@ -71,6 +31,7 @@ class Launch:
 
 
 def kernel_cmdline(spec: MachineSpec) -> str:
+    """The guest kernel's command line for *spec*: console, the modules /init loads, extras."""
     console = "hvc0" if spec.console == "virtio" else "ttyS0"
     words = [BASE_KERNEL_ARGS.format(console=console)]
     mods = list(spec.modules)
@@ -124,7 +85,7 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
     ids: Dict[str, str] = {}
     scsi = False
     ide_unit = 0
-    for i, (d, path) in enumerate(zip(spec.disks, disk_paths)):
+    for i, (d, path) in enumerate(zip(spec.disks, disk_paths, strict=False)):
         node = f"disk{i}"
         opts = [f"file={path}", f"format={d.format}", "if=none", f"id={node}", f"cache={d.cache}",
                 "aio=threads"]
@@ -151,7 +112,7 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
             dev = f"nvme,drive={node},id=dev{node},serial={d.serial or f'vmlab{i}'}"
         a += ["-device", dev]
         ids[f"disk{i}"] = node
-    for i, (n, fd) in enumerate(zip(spec.nics, nic_fds)):
+    for i, (n, fd) in enumerate(zip(spec.nics, nic_fds, strict=False)):
         net = f"net{i}"
         if n.backend == "user":
             opts = [f"user,id={net}", "restrict=on", "ipv6=off"]
@@ -178,3 +139,19 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
         fds.append(incoming_fd)
     a += list(spec.extra_args)
     return Launch(argv=a, pass_fds=tuple(fds), kernel_cmdline=cmdline, ids=ids)
+
+
+def launch_fix(stderr: str) -> str:
+    """The fix to suggest for a QEMU that failed with *stderr*."""
+    s = stderr.lower()
+    if "kvm" in s and ("permission" in s or "could not access" in s):
+        return "add yourself to the kvm group, or use accel='tcg'"
+    if "failed to set msr" in s or "kvm_buf_set_msrs" in s:
+        return "this host's KVM cannot run this guest (a PVM or nested host?); use accel='tcg'"
+    if "could not open" in s or "no such file" in s:
+        return "a file named on the command line is missing: check disk paths and the guest image"
+    if "address already in use" in s:
+        return "a forwarded host port is taken: pick another host port"
+    if "load of migration failed" in s or "incoming" in s:
+        return "the warm snapshot does not match; it will be rebuilt (delete ~/.cache/vmlab/warm)"
+    return "read QEMU's stderr below; `python -m vmlab doctor` checks the set-up"

@@ -1,9 +1,10 @@
-"""A private asyncio event loop on a daemon thread.
+"""vmlab's private asyncio event loop, on a daemon thread.
 
-vmlab is written async once. Its synchronous names run the coroutines on this
-loop, the way jupyter_client does: a Jupyter kernel already runs an event loop
-in the main thread, so ``asyncio.run`` and ``run_until_complete`` fail there,
-while a loop of our own on another thread works everywhere.
+vmlab is written async once. Its synchronous names hand their coroutines to
+:func:`block_on`, which runs them on this loop, the way jupyter_client does: a
+Jupyter kernel already runs an event loop in the main thread, so
+``asyncio.run`` and ``run_until_complete`` fail there, while a loop of our own
+on another thread works everywhere.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import concurrent.futures
 import threading
 from typing import Any, Coroutine, Optional, TypeVar
+
+__all__ = ["block_on", "get_loop", "in_loop_thread"]
 
 T = TypeVar("T")
 
@@ -41,11 +44,12 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 
 def in_loop_thread() -> bool:
+    """True when called from the private loop's own thread."""
     return _thread is not None and threading.current_thread() is _thread
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
-    """Run *coro* on the private loop and wait for its result.
+def block_on(coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
+    """Run *coro* on the private loop and block this thread until it is done; its result.
 
     A KeyboardInterrupt while waiting (a notebook cell interrupted) cancels the
     coroutine before it propagates, so no half-done operation keeps running.

@@ -1,0 +1,141 @@
+"""What the three device contrasts (disk, console, net) share: a VM booted per
+profile with the rows stamped, the columns every device row has, ratios beside
+the published figures, and the interventions plot.
+
+    from vmlab.experiments import contrasts, disk
+    df = disk.run(quick=True)
+    contrasts.measured_ratios(df, "disk")        # paravirtual vs emulated, from the frame
+    contrasts.reference_for("disk")              # published figures (cited, never measured here)
+    contrasts.plot_interventions(df, by="mode")
+
+The device profiles, the probe that counts interventions and its
+:class:`~vmlab.devices.Measurement` are in :mod:`vmlab.devices`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
+
+from ..devices import DeviceProfile, Measurement, boot
+from ..guestinfo import where_vm
+from ..measure import DATA_DIR, Progress, Rows, say
+from ..plots import KIND_COLORS, axes, style, where_label
+from ..vm import VM
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..image import GuestImage
+
+
+@contextlib.contextmanager
+def booted(profile: DeviceProfile, rows: Optional[Rows] = None, progress: Progress = None, *,
+           accel: str = "tcg", image: Optional[GuestImage] = None, **spec_kw: Any) -> Iterator[VM]:
+    """A VM carrying ``profile``, started, with ``rows`` stamped with where it runs; shut down on exit.
+
+        for prof in profiles:
+            with booted(prof, rows, progress, accel=accel) as vm:
+                ...
+    """
+    say(progress, f"{profile.contrast}: booting a VM with {profile.title}")
+    vm = boot(profile, accel=accel, image=image, **spec_kw)
+    try:
+        if rows is not None:
+            rows.where = where_vm(vm)
+        yield vm
+    finally:
+        vm.shutdown()
+
+
+def common_row(profile: DeviceProfile, m: Measurement, *, bytes_moved: int, counted_bytes: int,
+               counted: Optional[Measurement]) -> Dict[str, Any]:
+    """Columns every device row shares (counts from ``counted``, maybe another run)."""
+    c = counted
+    mb = counted_bytes / 1e6 if counted_bytes else float("nan")
+    return {
+        "device": profile.name, "kind": profile.kind, "title": profile.title,
+        "host_cpu_s": round(m.host_cpu_s, 4),
+        "guest_cpu_s": m.guest_cpu_s if m.guest_cpu_s is not None else m.guest_busy_s,
+        "guest_busy_s": m.guest_busy_s, "wall_s": round(m.wall_s, 4),
+        "bytes": bytes_moved,
+        "interventions": c.interventions if c else None,
+        "traps": c.n_traps if c else None, "irqs": c.n_irqs if c else None,
+        "interventions_per_mb": (c.interventions / mb) if c and mb == mb else None,
+        "counted_bytes": counted_bytes if c else None,
+        "breakdown": c.breakdown() if c else "",
+        "kvm_exits": m.kvm_exits, "kvm_note": m.kvm_note,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Beside published figures: ratios, the reference rows, the interventions plot
+# ---------------------------------------------------------------------------
+_PAIRS = {"disk": [("ide-pio", "virtio-blk"), ("ide-dma", "virtio-blk"), ("ahci", "virtio-blk"),
+                   ("nvme", "virtio-blk")],
+          "console": [("uart", "virtio-console")],
+          "net": [("e1000", "virtio-net"), ("rtl8139", "virtio-net")]}
+_GROUP = {"disk": ["mode", "pattern", "bs"], "console": [], "net": ["direction", "size_bytes"]}
+
+
+def reference_contrasts() -> pd.DataFrame:
+    """Published device contrasts (data/reference/device_contrasts.csv): cited, never measured here."""
+    import pandas as pd
+    return pd.read_csv(DATA_DIR / "reference" / "device_contrasts.csv")
+
+
+def measured_ratios(df: pd.DataFrame, contrast: str) -> pd.DataFrame:
+    """Paravirtual-vs-emulated ratios from a frame: throughput (para/emu, >1 = paravirtual faster)
+    and interventions per MB (emu/para, >1 = paravirtual needs fewer)."""
+    import pandas as pd
+    by = [c for c in _GROUP[contrast] if c in df.columns]
+    med = df.groupby([*by, "device"], dropna=False)[["throughput_mb_s", "interventions_per_mb"]].median()
+    rows = []
+    for emu, para in _PAIRS[contrast]:
+        if emu not in set(df.device) or para not in set(df.device):
+            continue
+        keys = sorted({k[:-1] if by else () for k in med.index}) if by else [()]
+        for key in keys:
+            try:
+                e = med.loc[(*tuple(key), emu)] if by else med.loc[emu]
+                p = med.loc[(*tuple(key), para)] if by else med.loc[para]
+            except KeyError:
+                continue
+            rows.append({**dict(zip(by, key, strict=False)), "emulated": emu, "paravirtual": para,
+                         "throughput_ratio": p["throughput_mb_s"] / e["throughput_mb_s"]
+                         if e["throughput_mb_s"] else None,
+                         "interventions_ratio": e["interventions_per_mb"] / p["interventions_per_mb"]
+                         if p["interventions_per_mb"] else None})
+    out = pd.DataFrame(rows)
+    if len(out) and "accel" in df:
+        out["accel"] = df["accel"].iloc[0]
+    return out
+
+
+def reference_for(contrast: str) -> pd.DataFrame:
+    """The published rows for a contrast (disk: virtio-blk vs IDE; net: virtio-net vs e1000)."""
+    ref = reference_contrasts()
+    key = {"disk": "blk|IDE", "net": "net|e1000|I/O devices", "console": "console"}[contrast]
+    sub = ref[ref["contrast"].str.contains(key, case=False, regex=True)]
+    return sub[["contrast", "metric", "ratio", "ratio_high", "bound", "tool", "context", "source", "verified"]]
+
+
+def plot_interventions(df: pd.DataFrame, ax: Any = None, *, by: Optional[str] = None, per: str = "mb") -> Any:
+    """Interventions per MB (or per byte) per device, split into traps and interrupts; log scale."""
+    ax = axes(ax, figsize=(7, 3.5))
+    d = df.copy()
+    scale = d["counted_bytes"] / (1e6 if per == "mb" else 1.0)
+    d["traps_per"] = d["traps"] / scale
+    d["irqs_per"] = d["irqs"] / scale
+    keys = ["device", "kind"] + ([by] if by else [])
+    g = d.groupby(keys, sort=False)[["traps_per", "irqs_per"]].median().reset_index()
+    labels = g["device"] + ((" " + g[by].astype(str)) if by else "")
+    x = range(len(g))
+    ax.bar(x, g["traps_per"], color=[KIND_COLORS.get(k) for k in g["kind"]], label="traps (register accesses, kicks)")
+    ax.bar(x, g["irqs_per"], bottom=g["traps_per"], color="#999999", label="interrupts")
+    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    unit = "MB" if per == "mb" else "byte"
+    style(ax, title=f"Interventions per {unit} moved", xlabel="device",
+          ylabel=f"interventions per {unit} (count/{unit})", log="y", source=where_label(df))
+    ax.legend(fontsize=8)
+    return ax

@@ -1,0 +1,113 @@
+"""Warm starts: save a booted guest's memory once, restore it instead of booting.
+
+``AsyncVM(warm=True)`` looks for a snapshot made by the same QEMU command line
+(the VM's name aside), guest image and QEMU version in ``cache_dir()/warm``;
+if there is one it starts QEMU with ``-incoming`` from it, otherwise it boots
+cold and saves one (QMP ``stop``, ``migrate`` to a file, ``cont``). The
+:data:`WARM_KEEP` most recently used snapshots are kept. A damaged snapshot is
+deleted and the VM boots cold; a snapshot that cannot be saved (a full disk)
+is skipped with the reason in ``accel_reason``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from ..config import cache_subdir
+from ..errors import VMError, VMTimeout
+from ..image import GuestImage
+from ..spec import MachineSpec
+from ..tools import qemu_version
+from .core import VMCore
+from .qemu import build_launch
+from .state import Trigger
+
+__all__ = ["WARM_KEEP", "WarmMixin", "prune_snapshots", "snapshot_path"]
+
+WARM_KEEP = 6          # warm snapshots kept in cache_dir()/warm (least recently used go first)
+
+
+def snapshot_path(spec: MachineSpec, accel: str, image: GuestImage) -> Path:
+    """Where the warm snapshot for *spec* under *accel* with *image* is (or would be)."""
+    argv = build_launch(spec, accel=accel, kernel=image.kernel, initrd=image.initrd,
+                        qmp_fd=3, agent_fd=4, console_fd=5, private_dir=Path("/"), disk_paths=[],
+                        nic_fds=[None] * len(spec.nics), trace_file=Path("/trace")).argv
+    # the VM's name does not change the guest's state: VMs of any name share a snapshot
+    i = argv.index("-name")
+    argv = argv[:i] + argv[i + 2:]
+    key = hashlib.sha256(json.dumps([argv, image.key, qemu_version(), 3]).encode()).hexdigest()[:20]
+    return cache_subdir("warm") / f"{key}.state"
+
+
+def prune_snapshots(keep: Path, most: int = WARM_KEEP) -> None:
+    """Keep the *most* recently used snapshots (about 80 MB each) beside *keep*; delete the rest."""
+    snaps = sorted(keep.parent.glob("*.state"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in snaps if p != keep][max(0, most - 1):]:
+        old.unlink(missing_ok=True)
+
+
+class WarmMixin(VMCore):
+    """Save and restore a booted guest."""
+
+    async def _save_warm(self, path: Path) -> None:
+        """Save this booted guest (stop, migrate to a file, continue) for next time."""
+        assert self._qmp is not None
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            await self.qmp("stop")
+            self._qmp.send_fd_scm(fd)
+            await self.qmp("getfd", fdname="warm")
+            await self.qmp("migrate", uri="fd:warm")
+            deadline = time.monotonic() + 60
+            while True:
+                st: Dict[str, Any] = await self.qmp("query-migrate")
+                status = st.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise VMError(f"saving the warm snapshot failed: {st}", **self._err_kw())
+                await asyncio.sleep(0.02)
+            os.fsync(fd)
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            await self.qmp("cont")
+        self._record_event("WARM_SAVED", {"path": str(path)}, source="vmlab")
+
+    async def _finish_restore(self, paused: bool) -> None:
+        """Wait for QEMU to load the snapshot, then for the restored agent to answer."""
+        deadline = time.monotonic() + 30
+        while True:
+            st = await self.qmp("query-status")
+            if st["status"] not in ("inmigrate",):
+                break
+            if time.monotonic() > deadline:
+                raise VMTimeout("the warm snapshot to load", 30, **self._err_kw())
+            await asyncio.sleep(0.005)
+        if st["status"] not in ("running", "paused", "prelaunch"):
+            raise VMError(f"restoring the warm snapshot ended in state {st['status']!r}", **self._err_kw())
+        assert self._agent is not None
+        kernel_version = self._image.kernel_version if self._image is not None else None
+        if paused:
+            self._advance(Trigger.RESTORED_PAUSED)
+            self._agent.mark_reconnected()
+            self._agent.kernel_release = kernel_version
+            return
+        if st["status"] != "running":
+            await self.qmp("cont")
+        self._advance(Trigger.RESTORED)
+        await self._race(self._agent.ping(timeout=10), 15, "the restored guest agent")
+        self._agent.mark_reconnected()
+        self._agent.kernel_release = self._agent.kernel_release or kernel_version
+        self.boot_seconds = time.monotonic() - self._events.t0
+        self._record_event("READY", {"kernel": self._agent.kernel_release, "warm": True}, source="agent")

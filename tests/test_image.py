@@ -67,6 +67,7 @@ def make_guest_dir(path: Path, agent: str = "int main(){return 0;}\n") -> Path:
     shutil.copy(REPO_GUEST / "modules.txt", path / "modules.txt")
     (path / "vmagent.c").write_text(agent)
     (path / "vmbench.c").write_text("int main(){return 0;}\n")
+    (path / "hv.c").write_text("int main(){return 0;}\n")
     return path
 
 
@@ -290,9 +291,9 @@ def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
     assert names["dev/null"]["rdev"] == (1, 3)
     assert json.loads(names["etc/vmlab/manifest.json"]["data"])["key"] == img.key
 
-    t = time.perf_counter()
+    files = _identity(img)
     again = vi.ensure_image(guest_dir=g)
-    assert time.perf_counter() - t < 1.0
+    assert _identity(again) == files, "a cache hit rewrites nothing (same inodes, same mtimes)"
     assert again.key == img.key and again.kernel == img.kernel
 
     # truncated: the cheap size check finds it and rebuilds
@@ -333,6 +334,11 @@ def test_cli_status_and_build_json(env, fake_kernel, capsys, monkeypatch):
     assert "built" in capsys.readouterr().out
 
 
+def _identity(img: vi.GuestImage) -> dict:
+    """(inode, mtime) of every file of an image: a rebuild replaces them (atomic writes make new inodes)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(img.root.iterdir()) if p.is_file()}
+
+
 # --------------------------------------------------------------------------- integration
 
 
@@ -364,9 +370,9 @@ def real_image(tmp_path_factory):
         t0 = time.monotonic()
         img = vi.ensure_image(guest_dir=g, progress=print)
         print(f"ensure_image: {time.monotonic() - t0:.2f} s")
-        t0 = time.monotonic()
+        files = _identity(img)
         assert vi.ensure_image(guest_dir=g).key == img.key
-        assert time.monotonic() - t0 < 1.0
+        assert _identity(img) == files, "the second ensure_image is a cache hit: nothing rebuilt"
     finally:
         for k, v in saved.items():
             if v is not None:
@@ -402,3 +408,23 @@ def test_real_image_module_options_from_cmdline(real_image):
     assert "ata_piix" in modules and "libata" in modules
     dma = out.split("== /sys/module/libata/parameters/dma", 1)[1].strip().splitlines()[0]
     assert dma == "0"          # busybox modprobe applied libata.dma=0 from /proc/cmdline
+
+
+def test_prune_keeps_the_newest_and_the_recently_used(tmp_path):
+    """A build prunes old images, but never one another process was handed recently (it may boot it next)."""
+    import os
+    import time
+
+    from vmlab.image.cache import mark_used, prune_images
+    now = time.time()
+    dirs = {}
+    for i, age_h in enumerate([0, 1, 2, 30, 40, 50]):
+        d = tmp_path / f"img{i}"
+        d.mkdir()
+        os.utime(d, (now - age_h * 3600, now - age_h * 3600))
+        dirs[age_h] = d
+    mark_used(dirs[50])                      # an old image a running session just asked for
+    prune_images(tmp_path, keep=dirs[0], most=2, recent_s=6 * 3600)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # kept: the new build, the newest other, the two used within 6 h, the one just marked; 30 h and 40 h go
+    assert left == sorted([dirs[0].name, dirs[1].name, dirs[2].name, dirs[50].name])

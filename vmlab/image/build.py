@@ -29,6 +29,7 @@ from .cache import (
     check_writable,
     images_dir,
     install,
+    mark_used,
     prune_images,
     remove_leftovers,
 )
@@ -36,12 +37,12 @@ from .cpio import CpioEntry, write_cpio
 from .elf import elf_info, extract_vmlinux
 from .guesttools import check_guest_dir, find_busybox, gcc_version
 from .kernel import KernelSource, resolve_kernel
-from .modules import depmod, prepare_modules_dir
+from .modules import depmod, prepare_modules_dir, signatures_enforced
 from .rootfs import build_rootfs
 from .util import Progress, cached_sha256, resolve_guest_dir, rmtree, say, sha256_file, umask, write_json
 
 #: Bump when the builder changes what it produces; it is part of every key.
-BUILDER_VERSION = "vmlab-image-1"
+BUILDER_VERSION = "vmlab-image-3"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped
 
 #: device nodes every initramfs gets (creating them as files needs root)
 DEVICE_NODES = (CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
@@ -102,6 +103,7 @@ def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path]) ->
     if not force:
         manifest, why = check_cached(final, key, verify)
         if manifest is not None:
+            mark_used(final)
             return GuestImage.from_dir(final, manifest)
 
     check_writable(cache, 600 << 20 if kernel.kind == "debian" else 0)
@@ -172,8 +174,11 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
     manifest: dict[str, Any] = {"builder": BUILDER_VERSION, "key": key, "inputs": inputs,
                                 "kernel_version": version}
     mdir: Optional[Path]
+    strip = False
     if kernel.kind == "debian":
         kfile, mdir = _unpack_debian(kernel, work, manifest, progress)
+        # Debian's kernels load unsigned modules (tainted); a check per module costs boot time
+        strip = not signatures_enforced(work / "extract" / "boot" / f"config-{version}")
     else:
         assert kernel.kernel_file is not None
         kfile = kernel.kernel_file
@@ -189,7 +194,8 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
     rootfs = work / "rootfs"
     say(progress, "building the root file system")
     build_rootfs(rootfs, kernel_version=version, guest_dir=gdir, modules_dir=mdir,
-                 busybox=busybox, manifest=manifest, progress=progress)
+                 busybox=busybox, manifest=manifest, progress=progress,
+                 strip_module_signatures=strip)
 
     say(progress, "decompressing the kernel to vmlinux")
     vmlinux = out / "vmlinux"

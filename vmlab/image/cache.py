@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,6 +25,7 @@ from .elf import ELF_MAGIC
 from .util import Progress, rmtree, say, sha256_file, umask
 
 KEEP_IMAGES = 3        # images kept in the cache; a VM already running keeps its open files
+RECENT_USE_S = 6 * 3600  # an image used this recently is never pruned (another process may boot it next)
 OUTPUTS = ("vmlinux", "initrd.cpio")
 
 
@@ -145,9 +147,24 @@ def install(out: Path, final: Path, images: Path, key: str) -> None:
         os.replace(out, final)
 
 
-def prune_images(images: Path, keep: Path, most: int = KEEP_IMAGES) -> None:
-    """Keep the *most* newest images (about 76 MB each); older ones are from other inputs."""
+def mark_used(root: Path) -> None:
+    """Record that ``root`` was just handed out (its mtime), so a concurrent build does not prune it."""
+    try:
+        os.utime(root)
+    except OSError:
+        pass    # a read-only shared cache: nothing prunes it either
+
+
+def prune_images(images: Path, keep: Path, most: int = KEEP_IMAGES, recent_s: float = RECENT_USE_S) -> None:
+    """Keep the *most* newest images (about 76 MB each) and any used in the last *recent_s* seconds.
+
+    Older ones are from other inputs. An image another process handed out recently stays: that process may
+    still start VMs from it (a test session, a lesson kernel).
+    """
     built = sorted((d for d in images.iterdir() if d.is_dir() and not d.name.startswith(".")),
                    key=lambda d: d.stat().st_mtime, reverse=True)
+    now = time.time()
     for old in [d for d in built if d != keep][max(0, most - 1):]:
+        if now - old.stat().st_mtime < recent_s:
+            continue
         rmtree(old)

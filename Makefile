@@ -11,16 +11,29 @@ APT_PACKAGES := $(shell grep -v '^\#' apt.txt)
 TEST_APT_PACKAGES := chromium
 PYTEST_ARGS ?=
 
-.PHONY: help setup system system-test apt-install venv image lab test lessons demo bench reliability doctor clean
+# The learner works on a copy of the lessons (the tracked notebooks/ are the course's source, never
+# saved into): `make lab` and `make demo` refresh it without overwriting what the learner changed
+# (python -m vmlab.lessons workspace; docs/lessons.md). Ignored by git.
+WORKSPACE ?= workspace
+LAB_ARGS ?=
+# Project Jupyter settings (etc/jupyter): no news pop-up or update check, no CDN, widget views not saved
+# into notebooks, Voila dashboards stop their kernel (and VMs) when their tab goes away.
+JUPYTER_ENV := JUPYTER_CONFIG_PATH=$(CURDIR)/etc/jupyter JUPYTER_PATH=$(CURDIR)/etc/jupyter/data
+ALLOW_ROOT   = $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+.PHONY: help setup system system-test apt-install venv image workspace lab test lessons demo bench reliability doctor clean
+.PHONY: classroom classroom-load classroom-deps classroom-image
 
 help:
-	@echo "make lab          set everything up and open the lessons in JupyterLab"
+	@echo "make lab          set everything up and open the lessons (your copy, in $(WORKSPACE)/) in JupyterLab"
 	@echo "make test         set everything up and run the test suite"
 	@echo "make lessons      execute every notebook headless, HTML in build/lessons/"
 	@echo "make demo         instructor dashboards (Voila), no code visible"
-	@echo "make bench        run the benchmarks in benchmarks/ and print their figures"
+	@echo "make bench        run the benchmarks, judge each figure against benchmarks/targets.toml (BENCH_ARGS=--quick)"
 	@echo "make reliability  the long reliability and soak runs"
 	@echo "make doctor       what this machine can do (QEMU, KVM or TCG, image)"
+	@echo "make classroom   a JupyterHub for a class on this machine (docs/classroom.md)"
+	@echo "make classroom-load  1, 2, 4, 8 students at once on that hub: the measured table"
 
 setup: system venv image
 
@@ -64,24 +77,68 @@ image: venv
 doctor: setup
 	$(PY) -m vmlab doctor
 
-lab: setup
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/
+# Copy new and updated lessons into the workspace; a lesson the learner edited is kept as it is.
+workspace: venv
+	$(PY) -m vmlab.lessons workspace --to $(WORKSPACE)
 
-test: setup system-test
+lab: setup workspace
+	$(JUPYTER_ENV) $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 $(ALLOW_ROOT) \
+	  --ServerApp.root_dir=$(WORKSPACE) --LabApp.default_url=/lab/tree/00.00-Index.ipynb $(LAB_ARGS)
+
+test: setup system-test classroom-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lessons: setup
 	$(PY) -m vmlab.lessons render --quick
 
 DEMO_PORT ?= 8866
-demo: setup
-	$(VENV)/bin/voila --no-browser --strip_sources=True --Voila.ip=127.0.0.1 --port=$(DEMO_PORT) notebooks/demo
+demo: setup workspace
+	$(JUPYTER_ENV) $(VENV)/bin/voila --no-browser --Voila.ip=127.0.0.1 --port=$(DEMO_PORT) $(WORKSPACE)/demo
 
 bench: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 reliability: setup
 	$(PY) -m pytest -m long tests/ $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache
+
+# ---- the classroom (docs/classroom.md): a JupyterHub for a class on this machine, and its load run.
+# classroom-deps: the hub (pip extra "classroom") and configurable-http-proxy from npm, in build/ (not global).
+CLASS_DIR   := build/classroom
+CLASS_VENV  := $(CLASS_DIR)/venv
+CLASS_CACHE := $(CLASS_DIR)/image-cache
+CLASS_STAMP := $(VENV)/.vmlab-classroom
+CHP         := $(CLASS_DIR)/node/node_modules/.bin/configurable-http-proxy
+CLASS_SIZES ?= 1,2,4,8
+
+classroom-deps: $(CLASS_STAMP) $(CHP)
+
+$(CLASS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[lab,dev,classroom]'
+	@touch $@
+
+# configurable-http-proxy 5 needs node >= 20; Debian 12's node 18 gets 4.6.
+$(CHP):
+	@command -v npm >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-install PACKAGES="nodejs npm"
+	@v=$$(node -p 'process.versions.node.split(".")[0]'); chp=5.3.0; [ "$$v" -ge 20 ] || chp=4.6.3; \
+	  echo "installing configurable-http-proxy@$$chp into $(CLASS_DIR)/node"; \
+	  npm install --prefix $(CLASS_DIR)/node --no-audit --no-fund --loglevel=error configurable-http-proxy@$$chp
+
+# The students' Python, made from the system's python3 so that every student uid can run it.
+$(CLASS_VENV)/.installed: pyproject.toml
+	@$(MAKE) --no-print-directory apt-install PACKAGES="python3-venv"
+	umask 022; /usr/bin/python3 -m venv $(CLASS_VENV) && $(CLASS_VENV)/bin/pip install -q -e '.[lab,classroom]'
+	@touch $@
+
+# The shared guest image cache: built once, then read-only for the students.
+classroom-image: venv
+	VMLAB_CACHE=$(CURDIR)/$(CLASS_CACHE) $(PY) -m vmlab image build
+	chmod -R a+rX,go-w $(CLASS_CACHE)
+
+classroom: setup classroom-deps $(CLASS_VENV)/.installed classroom-image
+	$(VENV)/bin/jupyterhub -f classroom/jupyterhub_config.py
+
+classroom-load: setup classroom-deps $(CLASS_VENV)/.installed classroom-image
+	$(PY) classroom/load.py --students $(CLASS_SIZES)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# A widget handler's failure raises in tests (vmlab.widgets.errors); a learner's session only shows and logs it.
+# Child processes (notebook kernels, Jupyter servers in the browser test) inherit it.
+os.environ.setdefault("VMLAB_STRICT", "1")
+
 
 def qemu_children(parent: int | None = None) -> list[int]:
     """PIDs of QEMU processes whose parent is *parent* (default: this process)."""
@@ -25,6 +29,20 @@ def qemu_children(parent: int | None = None) -> list[int]:
         if ppid == parent and comm.startswith("qemu"):
             found.append(int(d.name))
     return found
+
+
+def summary_tables(config: pytest.Config) -> list:
+    """Tables (title, lines) a test module wants printed at the end of the run (e.g. notebook timings)."""
+    if not hasattr(config, "_vmlab_tables"):
+        config._vmlab_tables = []  # type: ignore[attr-defined]
+    return config._vmlab_tables  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for title, lines in summary_tables(config):
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -22,14 +22,14 @@ PKG = ROOT / "vmlab"
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (1, ("vmlab.errors", "vmlab.config", "vmlab.log")),
     (2, ("vmlab.procfs", "vmlab.tools", "vmlab.hostinfo", "vmlab.spec", "vmlab.measure", "vmlab.plots",
-         "vmlab.i18n")),
+         "vmlab.i18n", "vmlab.predictions_store")),
     (3, ("vmlab.image",)),
     (4, ("vmlab.vm",)),
     (5, ("vmlab.devices", "vmlab.disks", "vmlab.install", "vmlab.netsink", "vmlab.hostview",
          "vmlab.guestinfo", "vmlab.nested")),
     (6, ("vmlab.experiments",)),
     (7, ("vmlab.widgets",)),
-    (8, ("vmlab.lessons", "vmlab.cli", "vmlab.__main__", "vmlab.classroom")),
+    (8, ("vmlab.lessons", "vmlab.workspace", "vmlab.cli", "vmlab.__main__", "vmlab.classroom")),
     (9, ("vmlab",)),  # the package's __init__ re-exports the public API
 ]
 

@@ -2,13 +2,15 @@
 before QEMU starts (no QEMU child, no new private directory).
 
 The table has one row per bad input (a row whose last column names a known bug is
-``xfail(strict=True)``, so it flips when the bug is fixed). Property-based tests (hypothesis) check that ``MachineSpec.validated()`` either
-returns a spec or raises SpecError, never anything else, and that a spec it
-accepts turns into a QEMU command line of plain strings.
+``xfail(strict=True)``, so it flips when the bug is fixed). Property-based tests (hypothesis) state the rules
+(memory, cpus, name, disk size and bus, port forwards, the closed choices) and check that ``validated()``
+accepts exactly the inputs the rule accepts, rejects the others with SpecError (never another exception),
+and that an accepted spec turns into the QEMU command line it should (-m, -smp, -name, hostfwd, -no-reboot...).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vmlab import NIC, VM, Disk, ImageError, MachineSpec, SetupError, SpecError, VMError, VMTimeout
+from vmlab.spec import host_memory_bytes
 from vmlab.vm import reaper
 from vmlab.vm.qemu import build_launch
 
@@ -231,6 +234,8 @@ def test_unknown_qmp_command_is_a_vm_error_with_qemus_reason(image):
 
 
 # ---------------------------------------------------------------- properties (hypothesis)
+# Each property states the rule (written out here, independently of vmlab/spec.py): which inputs must be accepted
+# and which rejected, and, for the accepted ones, what the QEMU command line must say.
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 sizes = st.one_of(
@@ -241,8 +246,37 @@ sizes = st.one_of(
     st.none(), st.booleans(), st.lists(st.integers(), max_size=2),
 )
 
+MiB, MAX_BYTES = 1 << 20, 1 << 50
+UNIT = {"": MiB, "K": 1 << 10, "M": MiB, "G": 1 << 30, "T": 1 << 40}
 
-def _validated_or_spec_error(spec: MachineSpec):
+
+def size_rule(value) -> int | None:
+    """The documented size rule: a positive whole number (MiB), or a string: a decimal number with an optional
+    K/M/G/T unit (any case, optional "B"/"iB"; no unit = MiB), at most 1 PiB. Bytes, or None if invalid."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    if isinstance(value, int):
+        return value * MiB if 0 < value * MiB <= MAX_BYTES else None
+    m = re.fullmatch(r"[ \t\n\r\f\v]*([0-9]+(?:\.[0-9]+)?)[ \t\n\r\f\v]*([KMGTkmgt]?)(?:[iI]?[bB])?[ \t\n\r\f\v]*",
+                     value)
+    if not m:
+        return None
+    exact = float(m.group(1)) * UNIT[m.group(2).upper()]
+    if exact > MAX_BYTES:
+        return None
+    return int(exact) if int(exact) > 0 else None
+
+
+def memory_rule(value) -> int | None:
+    """Guest memory: a valid size, a whole number of MiB, at least 96 MiB, at most the host's memory. MiB or None."""
+    b = size_rule(value)
+    if b is None or b % MiB or b < 96 * MiB or b > host_memory_bytes():
+        return None
+    return b // MiB
+
+
+def _outcome(spec: MachineSpec):
+    """validated() either returns a MachineSpec or raises SpecError naming the field and a fix; nothing else."""
     try:
         out = spec.validated()
     except SpecError as exc:
@@ -252,8 +286,8 @@ def _validated_or_spec_error(spec: MachineSpec):
     return out
 
 
-def _argv_is_clean(spec: MachineSpec) -> None:
-    """A spec validated() accepts must turn into an argv of NUL-free strings."""
+def _argv(spec: MachineSpec) -> list[str]:
+    """The QEMU command line of an accepted spec: NUL-free strings."""
     launch = build_launch(spec, accel="tcg", kernel=Path("/k"), initrd=Path("/i"), qmp_fd=3, agent_fd=4,
                           console_fd=5, private_dir=Path("/p"),
                           disk_paths=[Path(f"/d{i}") for i in range(len(spec.disks))],
@@ -261,41 +295,67 @@ def _argv_is_clean(spec: MachineSpec) -> None:
                           trace_file=Path("/t"))
     for a in launch.argv:
         assert isinstance(a, str) and "\0" not in a, a
+    return list(launch.argv)
+
+
+def _after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
 
 
 @PROPS
 @given(memory=sizes)
-def test_memory_validation_returns_a_spec_or_spec_error(memory):
-    out = _validated_or_spec_error(MachineSpec(memory=memory))
+@example(memory="131072\u212a")         # the Kelvin sign is not K (was a KeyError)
+@example(memory="128.5M")
+@example(memory="96")
+@example(memory=96)
+@example(memory="1G")
+def test_memory_accepted_exactly_by_the_rule_and_passed_as_minus_m(memory):
+    want = memory_rule(memory)
+    out = _outcome(MachineSpec(memory=memory))
+    assert (out is not None) == (want is not None), (memory, want)
     if out is not None:
-        assert out.memory_mb >= 96
+        assert out.memory_mb == want and _after(_argv(out), "-m") == [str(want)]
 
 
 @PROPS
-@given(cpus=st.one_of(st.integers(), st.floats(), st.text(max_size=5), st.booleans(), st.none()))
-def test_cpus_validation_returns_a_spec_or_spec_error(cpus):
-    out = _validated_or_spec_error(MachineSpec(cpus=cpus))
+@given(cpus=st.one_of(st.integers(min_value=-100, max_value=100), st.floats(), st.text(max_size=5),
+                      st.booleans(), st.none()))
+def test_cpus_accepted_exactly_from_1_to_32_and_passed_as_smp(cpus):
+    want = cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and 1 <= cpus <= 32 else None
+    out = _outcome(MachineSpec(cpus=cpus))
+    assert (out is not None) == (want is not None), cpus
     if out is not None:
-        assert 1 <= out.cpus <= 32
+        assert _after(_argv(out), "-smp") == [str(want)]
+
+
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 
 
 @PROPS
-@given(name=st.one_of(st.text(max_size=60), st.integers(), st.none(), st.binary(max_size=10)))
-def test_name_validation_returns_a_spec_or_spec_error(name):
-    out = _validated_or_spec_error(MachineSpec(name=name))
+@given(name=st.one_of(st.text(max_size=60), st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,45}\Z"),
+                      st.integers(), st.none(), st.binary(max_size=10)))
+def test_name_accepted_exactly_by_the_rule_and_named_in_the_command_line(name):
+    ok = isinstance(name, str) and NAME_RULE.fullmatch(name) is not None
+    out = _outcome(MachineSpec(name=name))
+    assert (out is not None) == ok, name
     if out is not None:
-        _argv_is_clean(out)
-        assert "/" not in out.name and " " not in out.name
+        assert _after(_argv(out), "-name")[0].startswith(f"vmlab-{name},")
 
 
 @PROPS
 @given(size=sizes, bus=st.sampled_from(["virtio", "ide", "ahci", "scsi", "nvme", "sata", "", None]),
-       port=st.one_of(st.integers(min_value=-5, max_value=70000), st.text(max_size=5)))
-def test_disk_and_nic_validation_returns_a_spec_or_spec_error(size, bus, port):
-    spec = MachineSpec(disks=(Disk(bus=bus, size=size),), nics=(NIC(forwards=((port, 80),)),))
-    out = _validated_or_spec_error(spec)
+       host=st.one_of(st.integers(min_value=-5, max_value=70000), st.text(max_size=5), st.booleans()),
+       guest=st.integers(min_value=-5, max_value=70000))
+def test_disk_and_forward_accepted_exactly_by_the_rules_and_passed_to_qemu(size, bus, host, guest):
+    port_ok = (isinstance(host, int) and not isinstance(host, bool) and 0 <= host <= 65535
+               and 1 <= guest <= 65535)
+    ok = size_rule(size) is not None and bus in ("virtio", "ide", "ahci", "scsi", "nvme") and port_ok
+    out = _outcome(MachineSpec(disks=(Disk(bus=bus, size=size),), nics=(NIC(forwards=((host, guest),)),)))
+    assert (out is not None) == ok, (size, bus, host, guest)
     if out is not None:
-        _argv_is_clean(out)
+        argv = _argv(out)
+        assert any(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" in a for a in _after(argv, "-netdev")), argv
+        assert any("file=/d0" in a or "filename=/d0" in a for a in argv), argv
 
 
 anything = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
@@ -310,6 +370,26 @@ anything = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.te
 @example(field="cpu_model", value=5)
 @example(field="kernel_args", value="quiet\0")
 def test_any_field_any_value_gives_a_spec_or_spec_error_and_a_clean_argv(field, value):
-    out = _validated_or_spec_error(MachineSpec(**{field: value}))
+    out = _outcome(MachineSpec(**{field: value}))
     if out is not None:
-        _argv_is_clean(out)
+        _argv(out)
+    # the fields with a closed set of values: accepted exactly when the value is one of them
+    closed = {"accel": ("auto", "tcg", "kvm"), "machine": ("pc", "q35"), "console": ("serial", "virtio"),
+              "balloon": (True, False), "reboot": (True, False)}
+    if field in closed:
+        member = any(value is v if isinstance(v, bool) else (isinstance(value, str) and value == v)
+                     for v in closed[field])
+        assert (out is not None) == member, (field, value)
+
+
+@PROPS
+@given(accel=st.sampled_from(["tcg", "auto"]), machine=st.sampled_from(["pc", "q35"]),
+       console=st.sampled_from(["serial", "virtio"]), balloon=st.booleans(), reboot=st.booleans())
+def test_accepted_choices_are_what_the_command_line_says(accel, machine, console, balloon, reboot):
+    out = _outcome(MachineSpec(accel=accel, machine=machine, console=console, balloon=balloon, reboot=reboot))
+    assert out is not None
+    argv = _argv(out)
+    assert _after(argv, "-machine")[0].split(",")[0] == machine
+    assert any("virtio-balloon" in a for a in _after(argv, "-device")) == balloon
+    assert ("-no-reboot" in argv) == (not reboot)
+    assert "-sandbox" in argv and _after(argv, "-sandbox")[0].startswith("on")

@@ -100,17 +100,15 @@ def test_cpu_experiment_native_vs_tcg(image):
         assert not r["skipped"], (b, r["skipped"])
         assert finite_positive(r["ns_per_op"]) and finite_positive(r["cycles_per_op"]), (b, r)
         assert r["ns_min"] <= r["ns_per_op"] <= r["ns_max"]
-    # binary translation pays on privileged operations (Adams & Agesen) ... compared on the
-    # fastest repeat of each side, since the 2-core host is shared and fork in particular is noisy
+    # the native side ran every benchmark too, and the ratio column relates the two rows of one benchmark
+    # (how much slower TCG is -- binary translation pays on privileged operations, Adams & Agesen -- is a
+    # timing figure: benchmarks/cpu.py measures it against targets.toml, tcg_vs_native_*)
     nat = df[df.platform == "native"].set_index("benchmark")
-    for b in ("null_syscall", "page_fault", "fork_wait"):
-        assert tcg.loc[b, "ns_min"] > 1.3 * nat.loc[b, "ns_min"], (b, tcg.loc[b, "ns_min"], nat.loc[b, "ns_min"])
-    # ... and runs a register-only loop near native speed (measured here: about 1x; a guest's
-    # clock keeps running while its QEMU thread waits for a core, so compare the fastest repeats)
-    best = tcg["ns_min"] / nat["ns_min"]
-    privileged = best[["null_syscall", "page_fault", "mprotect", "mmap_munmap", "fork_wait"]]
-    assert best["compute"] < 3.0, best["compute"]
-    assert best["compute"] < privileged.median(), best.to_dict()
+    ran = nat[~nat["skipped"].astype(bool)]
+    assert {"null_syscall", "page_fault", "fork_wait", "compute"} <= set(ran.index), nat["skipped"]
+    for b in ran.index:
+        assert finite_positive(ran.loc[b, "ns_per_op"]), (b, ran.loc[b])
+        assert tcg.loc[b, "ratio_to_native"] == pytest.approx(tcg.loc[b, "ns_per_op"] / ran.loc[b, "ns_per_op"]), b
 
 
 # ------------------------------------------------------------------ platform: no VM
@@ -157,8 +155,8 @@ def test_hpet_reads_cost_more_than_tsc_and_trap(image):
         fast = avail.ns_per_read.min()
         print(f"tsc not offered by the guest ({d.loc['tsc', 'note']}); comparing hpet with {fast_name}")
     assert finite_positive(hpet) and finite_positive(fast)
-    assert hpet > 2 * fast, (hpet, fast_name, fast)
-    # every HPET-based clock_gettime is (about) one emulated MMIO read; the TSC needs none
+    # (how much slower an HPET read is, is a timing figure: benchmarks/cpu.py, hpet_vs_fastest_clock)
+    # every HPET-based clock_gettime is (about) one emulated MMIO read; the TSC needs none: counted
     assert 0.9 <= d.loc["hpet", "traps_per_read"] <= 1.5, d.loc["hpet", "device_reads"]
     assert 0.9 <= d.loc["acpi_pm", "traps_per_read"] <= 1.5, d.loc["acpi_pm", "device_reads"]
     if fast_name == "tsc":

@@ -235,11 +235,15 @@ def test_net_quick_sanity(image):
     df = net.run(quick=True, accel="tcg", image=image, count=1000, rr_count=100)
     _check_frame(df)
     assert set(df.direction) == {"guest->host", "host->guest", "rr"}
+    # counts, not rates: how many datagrams a loaded host drops is a speed figure (benchmarks/devices.py)
     tx = df[df.direction == "guest->host"]
-    assert (tx["packets"] > 0.9 * tx["count"]).all()          # the host peer saw the datagrams
-    assert (df[df.direction == "host->guest"]["packets"] > 0).all()
+    assert ((tx["packets"] > 0) & (tx["packets"] <= tx["count"])).all()     # the host peer saw datagrams
+    assert (tx["lost"] == tx["count"] - tx["packets"]).all()                 # and lost is what it did not see
+    rx = df[df.direction == "host->guest"]
+    assert ((rx["packets"] > 0) & (rx["packets"] <= rx["count"])).all()
     rr = df[df.direction == "rr"]
-    assert (rr["lat_us_median"] > 0).all() and (rr["lost"] < 0.1 * rr["count"]).all()
+    assert (rr["lat_us_median"] > 0).all() and ((rr["lost"] >= 0) & (rr["lost"] < rr["count"])).all()
+    assert (rr["packets"] == 2 * (rr["count"] - rr["lost"])).all()           # a request and its reply
     # e1000 must trap on register writes to send; virtio-net kicks a shared ring less often
     assert (_median(df, "e1000", "interventions_per_mb", direction="guest->host")
             > _median(df, "virtio-net", "interventions_per_mb", direction="guest->host"))

@@ -8,7 +8,6 @@ QEMU elsewhere.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -62,10 +61,8 @@ def test_kvm_msr_abort_suggests_tcg(fake, image):
 def test_qemu_dying_after_the_greeting_is_vmdied_naming_the_phase(fake, image):
     fake("qmp-then-die")
     vm = VM(accel="tcg", image=image, name="fake", boot_timeout=30)
-    t0 = time.monotonic()
-    with pytest.raises(VMDied) as ei:
+    with pytest.raises(VMDied) as ei:          # noticed from QEMU's exit (VMDied), not the boot timeout (VMTimeout)
         vm.start()
-    assert time.monotonic() - t0 < 10          # noticed at once, not at the boot timeout
     assert ei.value.exit_code == 3 and "boot" in ei.value.message
     assert "dying on purpose" in ei.value.stderr
     _no_leftovers(vm)

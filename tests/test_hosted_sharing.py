@@ -75,8 +75,8 @@ def test_vcpu_thread_ids_match_qemu_threads(image):
         # the guest's work shows up as CPU time of a vCPU thread, not of the main loop
         df = hosted.cpu_by_thread(vm, "vmbench spin --seconds 1")
         top = df.iloc[0]
-        assert top["tid"] in {c["thread_id"] for c in vcpus}, df
-        assert top["cpu_s"] > 0.2, df
+        assert top["tid"] in {c["thread_id"] for c in vcpus}, df      # the busiest thread is a vCPU
+        assert top["cpu_s"] > 0 and top["share"] > 0.5, df            # most of QEMU's CPU time, same run
 
 
 @pytest.mark.integration
@@ -147,11 +147,13 @@ def test_n_vms_run_concurrently_and_are_cleaned_up(image):
     # each N-VM step reported every VM, and they ran at the same time
     per_vm = [r for r in seen if r.get("kind") == "vm"]
     assert [sum(1 for r in per_vm if r["vms"] == n) for n in (1, 2, 4)] == [1, 2, 4]
+    # they overlapped: every VM's job was under way (sent, and not yet answered) before any one of them
+    # finished -- the order of the events, whatever the machine's speed
     for n in (2, 4):
-        starts = [r["started"] for r in per_vm if r["vms"] == n]
-        assert max(starts) - min(starts) < 1.0, starts
+        jobs = [(r["started"], r["started"] + r["wall_s"]) for r in per_vm if r["vms"] == n]
+        assert max(s for s, _e in jobs) < min(e for _s, e in jobs), jobs
+        # and each guest's vCPU thread got host CPU time during its job
+        assert all(r["vcpu_host_cpu_s"] > 0 for r in per_vm if r["vms"] == n), per_vm
     # more VMs -> more host memory
     assert df.set_index("vms")["host_rss_mb"][4] > df.set_index("vms")["host_rss_mb"][1]
-    # they overlapped: 4 one-second jobs did not take 4 s one after the other
-    assert df.set_index("vms")["job_wall_s"][4] < 3.0, df.to_string()
     assert (df["vms_left_running"] == 0).all()

@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -129,7 +128,7 @@ def test_guest_reaches_only_explicit_forwards(image):
                    "&& ip route add default via 10.0.2.2")
             # control: the guest's nc works (a guest-local server answers)
             vm.run("(echo local-ok | nc -l -p 7000) >/dev/null 2>&1 &")
-            time.sleep(0.3)
+            wait_listening(vm, 7000)
             assert "local-ok" in vm.run("nc -w 2 127.0.0.1 7000 </dev/null", timeout=20).stdout
             # the host's loopback service, through the gateway: refused
             to_host = vm.run(f"echo x | nc -w 2 10.0.2.2 {service_port}; echo rc=$?",
@@ -142,7 +141,7 @@ def test_guest_reaches_only_explicit_forwards(image):
             assert "rc=0" not in outside, outside
             # the forward: the host reaches the guest's server
             vm.run("(echo hello-from-guest | nc -l -p 8080) >/dev/null 2>&1 &")
-            time.sleep(0.3)
+            wait_listening(vm, 8080)
             with socket.create_connection(("127.0.0.1", fwd), timeout=10) as s:
                 s.settimeout(10)
                 assert s.recv(100).startswith(b"hello-from-guest")
@@ -153,6 +152,16 @@ def test_guest_reaches_only_explicit_forwards(image):
                     socket.create_connection((addr, fwd), timeout=2).close()
     finally:
         host_service.close()
+
+
+def wait_listening(vm, port: int, tries: int = 300) -> None:
+    """Readiness handshake: return once the guest's /proc/net/tcp or tcp6 (busybox nc listens dual-stack) shows
+    *port* in LISTEN (state 0A). Polled inside the guest, bounded by a count of tries; fails if it never appears."""
+    pattern = f":{port:04X} [0-9A-F]+:0000 0A"
+    r = vm.run(f"i=0; while [ $i -lt {tries} ]; do cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -Eq '{pattern}' "
+               f"&& echo listening && exit 0; "
+               f"i=$((i+1)); sleep 0.05; done; echo never", check=False, timeout=120)
+    assert r.stdout.strip() == "listening", f"nothing listens on guest port {port}: {r.stdout!r} {r.stderr!r}"
 
 
 def _host_addresses() -> list[str]:

@@ -2,13 +2,14 @@
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from vmlab import VM, AsyncVM, GuestError, RunState, SetupError, StateError, VMTimeout
+from vmlab import VM, AsyncVM, GuestError, RunState, SetupError, StateError, VMError, VMTimeout
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +117,7 @@ def test_async_api(image):
 def test_guest_never_ready_times_out_with_console_tail(image):
     # init=/bin/false: the kernel panics (PID 1 exits), so no agent ever says hello
     vm = VM(accel="tcg", image=image, kernel_args="rdinit=/bin/false", boot_timeout=20, reboot=False)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(VMError) as info:
         vm.start()
     text = str(info.value)
     assert "console tail" in text and "command:" in text
@@ -138,10 +139,15 @@ def test_cli_boot_and_doctor_json():
     fig = json.loads(out.stdout)
     for key in ("cold_boot_s", "warm_boot_s", "run_roundtrip_ms", "accel", "qemu_version"):
         assert key in fig
-    assert fig["accel"] == "tcg" and 0 < fig["cold_boot_s"] < 60 and 0 < fig["run_roundtrip_ms"] < 1000
+    assert fig["accel"] == "tcg"
+    for key in ("cold_boot_s", "warm_boot_s", "run_roundtrip_ms"):   # measured, so a positive number (None fails)
+        assert isinstance(fig[key], (int, float)) and math.isfinite(fig[key]) and fig[key] > 0, (key, fig[key])
+    assert fig["warm_boot_s"] < fig["cold_boot_s"], fig          # a restore skips the boot (same run)
     out = subprocess.run([sys.executable, "-m", "vmlab", "doctor", "--json"], capture_output=True, text=True,
                          timeout=120)
     rep = json.loads(out.stdout)
+    # doctor's exit status says whether it found problems: 0 with none, 1 with some
+    assert out.returncode == (1 if rep["problems"] else 0), (out.returncode, rep["problems"], out.stderr)
     assert rep["accelerators"]["tcg"]["usable"] is True
     assert rep["accelerators"]["kvm"]["reason"]
     assert "is_vm" in rep["host"]["virtualization"]

@@ -22,12 +22,17 @@ def _print_json(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------- doctor
-def doctor_report(reprobe: bool = False) -> Dict[str, Any]:
-    """What this machine can do, each problem with its fix."""
+def doctor_report(reprobe: bool = False, nested: bool = True) -> Dict[str, Any]:
+    """What this machine can do, each problem with its fix.
+
+    ``accelerators.kvm`` is the host's own KVM (proven by booting a guest under it);
+    ``nested_kvm`` (with ``nested=True``) is KVM inside a nested guest under TCG, proven by
+    booting one and running hv in it. Both verdicts are remembered; ``reprobe`` tests again.
+    """
     from .hostinfo import host_cpu, host_virtualization
     from .image import image_status
     from .spec import host_memory_bytes
-    from .vm import kvm_device_problem, kvm_verdict
+    from .vm import kvm_device_problem, kvm_verdict, nested_verdict
     report: Dict[str, Any] = {"problems": []}
     problems: List[Dict[str, str]] = report["problems"]
     try:
@@ -58,6 +63,11 @@ def doctor_report(reprobe: bool = False) -> Dict[str, Any]:
                                               "(python -m vmlab image build), then run doctor again"}
     report["accelerators"] = accels
     report["default_accel"] = "kvm" if accels["kvm"].get("usable") else "tcg"
+    if nested and report["qemu"] and img.get("built"):
+        try:
+            report["nested_kvm"] = nested_verdict(use_cache=not reprobe)
+        except VMLabError as exc:
+            report["nested_kvm"] = {"works": False, "reason": exc.message}
     report["host"] = {"cpu": host_cpu(), "cpus": os.cpu_count(), "memory_mb": host_memory_bytes() >> 20,
                       "kernel": platform.release(), "virtualization": host_virtualization()}
     return report
@@ -76,7 +86,12 @@ def _doctor(args: argparse.Namespace) -> int:
     for name, v in report["accelerators"].items():
         mark = "yes" if v.get("usable") else "no "
         cached = " (remembered; --reprobe to test again)" if v.get("cached") else ""
-        print(f"{name:<11} {mark}  {v.get('reason', '')}{cached}")
+        print(f"{'host KVM' if name == 'kvm' else name:<11} {mark}  {v.get('reason', '')}{cached}")
+    if "nested_kvm" in report:
+        v = report["nested_kvm"]
+        cached = " (remembered; --reprobe to test again)" if v.get("cached") else ""
+        print(f"{'nested KVM':<11} {'yes' if v.get('works') else 'no '}  inside a TCG guest: "
+              f"{v.get('reason', '')}{cached}")
     print(f"lessons run under: {report['default_accel'].upper()}")
     h = report["host"]
     hv = h["virtualization"]
@@ -126,6 +141,14 @@ def boot_figures(repeats: int = 3, accel: str = "auto", roundtrips: int = 50) ->
 
 
 def _boot(args: argparse.Namespace) -> int:
+    if args.profile:
+        from .vm.profile import boot_profile, format_profile
+        prof = boot_profile(repeats=args.repeats, accel=args.accel)
+        if args.json:
+            _print_json(prof)
+        else:
+            print(format_profile(prof))
+        return 0
     fig = boot_figures(repeats=args.repeats, accel=args.accel)
     if args.json:
         _print_json(fig)
@@ -180,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--json", action="store_true")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--accel", default="auto", choices=["auto", "tcg", "kvm"])
+    b.add_argument("--profile", action="store_true",
+                   help="where the time goes: cold boot and warm restore phases, slowest initcalls (docs/boot.md)")
     sub.add_parser("image", help="build or inspect the guest image (image build|status)", add_help=False)
     e = sub.add_parser("experiment", help="run an experiment and print its rows (list: what there is)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

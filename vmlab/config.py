@@ -19,9 +19,16 @@ variable                 meaning                                            read
 ``VMLAB_KERNEL_MODULES`` that kernel's ``/lib/modules/<version>`` directory :func:`kernel_modules_dir`
 ``VMLAB_BUSYBOX``        the static busybox put into the guest image        :func:`busybox_override`
 ``VMLAB_VERIFY_IMAGE``   ``1``: check a cached image's sha256 on every use  :func:`verify_image`
-``VMLAB_QUICK``          ``1``: lessons run small sizes and few repeats     :func:`quick`
+``VMLAB_QUICK``          ``1``: lessons run small sizes and few repeats;    :func:`quick`
+                         ``0``: full sizes; unset: quick in an interactive
+                         Jupyter kernel, full elsewhere (scripts, the CLI)
 ``VMLAB_LOG``            ``debug``, ``info`` or ``warning``: show the        :func:`log_level`
                          ``vmlab`` logger on stderr (quiet when unset)
+``VMLAB_CLASS_STORE``    on a JupyterHub: where predictions go, a           :func:`class_store`
+                         directory (one file per student) or the URL of
+                         the class predictions service (docs/classroom.md)
+``VMLAB_STRICT``         ``1``: a widget handler's failure is raised after   :func:`strict`
+                         it is shown and logged (tests set it)
 ======================== ================================================== =====================
 
 (``VMLAB_HELPER_EXIT`` is read only by a test helper, ``tests/helpers/start_vm_and_wait.py``.)
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -56,6 +64,7 @@ __all__ = [
     "busybox_override",
     "cache_dir",
     "cache_subdir",
+    "class_store",
     "env",
     "env_flag",
     "kernel_file",
@@ -64,6 +73,7 @@ __all__ = [
     "private_root",
     "qemu_binary",
     "quick",
+    "strict",
     "verify_image",
 ]
 
@@ -78,6 +88,8 @@ ENV_VARS: dict[str, str] = {
     "VMLAB_VERIFY_IMAGE": "1: check the cached image's sha256 on every use",
     "VMLAB_QUICK": "1: small sizes and few repeats",
     "VMLAB_LOG": "debug/info/warning: show the vmlab logger on stderr",
+    "VMLAB_CLASS_STORE": "on a JupyterHub: the class prediction store (a directory or the service URL)",
+    "VMLAB_STRICT": "1: widget handler failures are raised, not only shown (tests)",
 }
 
 _CACHE_FIX = "set VMLAB_CACHE to a directory you can write, e.g. export VMLAB_CACHE=/tmp/$USER-vmlab"
@@ -130,14 +142,32 @@ def verify_image() -> bool:
 
 
 def quick() -> bool:
-    """``VMLAB_QUICK=1``: small sizes and few repeats."""
-    return env("VMLAB_QUICK") == "1"
+    """Small sizes and few repeats? ``VMLAB_QUICK=1`` yes, ``0`` no; unset: yes in a Jupyter kernel.
+
+    A learner at a notebook waits seconds, not minutes, unless they ask for the full run
+    (``VMLAB_QUICK=0`` or ``QUICK = False`` in the lesson's parameters cell); scripts, the CLI
+    and ``make lessons`` (which sets the variable) run what they are told.
+    """
+    value = env("VMLAB_QUICK")
+    if value in ("0", "1"):
+        return value == "1"
+    return "ipykernel" in sys.modules
+
+
+def strict() -> bool:
+    """``VMLAB_STRICT=1``: a widget handler's failure is raised after it is shown (tests, CI)."""
+    return env_flag("VMLAB_STRICT")
 
 
 def log_level() -> Optional[str]:
     """``$VMLAB_LOG`` lower-cased (``debug``, ``info``, ``warning``...), or None."""
     value = env("VMLAB_LOG")
     return value.strip().lower() if value else None
+
+
+def class_store() -> Optional[str]:
+    """``$VMLAB_CLASS_STORE`` as given: a directory or an ``http://`` URL (see vmlab.predictions_store)."""
+    return env("VMLAB_CLASS_STORE")
 
 
 # --------------------------------------------------------------------------- paths

@@ -500,9 +500,12 @@ def _last_json(text: str, command: str) -> Dict[str, Any]:
         line = line.strip()
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                result = json.loads(line)
             except ValueError:
                 break
+            if "error" in result:     # vmbench says what failed (and exits non-zero)
+                raise GuestError(f"{command!r} failed in the guest: {result['error']}")
+            return result
     raise GuestError(f"{command!r} printed no JSON result: {text[-300:]!r}")
 
 

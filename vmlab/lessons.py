@@ -3,6 +3,7 @@
     python -m vmlab.lessons nav                    # (re)write the previous/next cell of every numbered notebook
     python -m vmlab.lessons nav --check            # exit 1 if a nav cell is missing or stale
     python -m vmlab.lessons render [--quick] [--only PATTERN] [--timeout S] [--out DIR]
+    python -m vmlab.lessons workspace [--to DIR]   # the learner's copy of the lessons (make lab; vmlab.workspace)
 
 ``render`` executes each numbered notebook headless in its own process (nbclient; cwd notebooks/;
 VMLAB_QUICK=1 with --quick), writes HTML (nbconvert) and ``index.html`` to build/lessons/ with a
@@ -35,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from . import config
+from . import config, workspace
 from .config import atomic_write
+from .plots import Table, table
 from .procfs import comm, descendants, status_kb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,8 +105,8 @@ def setup(quick: bool = False, progress: Optional[Callable[[str], None]] = None)
     return image
 
 
-def doctor_table(report: Optional[Dict[str, Any]] = None):
-    """`vmlab.cli.doctor_report()` as a small two-column table (a pandas DataFrame)."""
+def doctor_table(report: Optional[Dict[str, Any]] = None) -> Table:
+    """`vmlab.cli.doctor_report()` as a small two-column table, text left-aligned (``.data``: the DataFrame)."""
     import pandas as pd
     if report is None:
         from .cli import doctor_report
@@ -122,6 +124,8 @@ def doctor_table(report: Optional[Dict[str, Any]] = None):
     rows = [
         ("lessons run under", str(report.get("default_accel", "?")).upper()),
         ("KVM (hardware-assisted)", yesno(acc.get("kvm", {}))),
+        *([("nested KVM (inside a TCG guest)", ("yes: " if report["nested_kvm"].get("works") else "no: ")
+            + str(report["nested_kvm"].get("reason", "")))] if report.get("nested_kvm") else []),
         ("TCG (binary translation)", yesno(acc.get("tcg", {}))),
         ("QEMU", f"{q.get('version')} ({q.get('path')})" if q else "missing"),
         ("guest image", f"built, kernel {img.get('kernel_version')}" if img.get("built") else "not built yet"),
@@ -133,8 +137,7 @@ def doctor_table(report: Optional[Dict[str, Any]] = None):
         rows.append(("container", str(hv["container"])))
     for p in report.get("problems", []):
         rows.append(("problem", f"{p.get('problem')} (fix: {p.get('fix')})"))
-    df = pd.DataFrame(rows, columns=["what", "here"]).set_index("what")
-    return df
+    return table(pd.DataFrame(rows, columns=["what", "here"]).set_index("what"))
 
 
 # ================================================================ instructor mode
@@ -495,21 +498,33 @@ def timings(path: Path = BUILD / "timings.csv"):
     return pd.read_csv(path)
 
 
-def course_table(directory: Path = NOTEBOOKS, timings_csv: Path = BUILD / "timings.csv"):
-    """The lessons with what each shows and how long it took to run (from the last `make lessons`)."""
+COURSE_TIMES = ROOT / "data" / "course" / "lesson_times.csv"
+
+
+def course_table(directory: Path = NOTEBOOKS, timings_csv: Path = BUILD / "timings.csv",
+                 reference_csv: Path = COURSE_TIMES) -> Table:
+    """The lessons: their title, the study time the author planned (metadata ``vmlab.minutes``) and how long the
+    code takes headless in quick mode: measured on this machine by the last ``make lessons`` if there is one,
+    else the course's own run (``data/course/lesson_times.csv``, which says where it ran), so a fresh clone
+    has figures too."""
     import pandas as pd
-    t = timings(timings_csv)
-    secs = {} if t is None else {r.notebook: (r.seconds, r.status, int(r.quick)) for r in t.itertuples()}
+    here, ref = timings(timings_csv), timings(reference_csv)
+    mine = {} if here is None else {r.notebook: r for r in here.itertuples() if int(r.quick)}
+    course = {} if ref is None else {r.notebook: r for r in ref.itertuples()}
     rows = []
     for p in numbered_notebooks(directory):
         if p.name == INDEX_NAME:
             continue
-        nb = _read(p)
-        s = secs.get(p.name)
-        ran = "not run yet (make lessons)" if s is None else (
-            f"{s[0]:.0f} s{' (quick)' if s[2] else ''}" + ("" if s[1] == "ok" else f", {s[1]}"))
-        rows.append({"lesson": p.name[:5], "title": short_title(title_of(nb, p)).split(":")[0], "headless run": ran})
-    return pd.DataFrame(rows).set_index("lesson") if rows else pd.DataFrame(columns=["title", "headless run"])
+        r, where = mine.get(p.name), "this machine (make lessons)"
+        if r is None:
+            r = course.get(p.name)
+            where = f"course run ({r.host}, {r.date})" if r is not None else ""
+        run = "" if r is None else (f"{float(r.seconds):,.0f}" + ("" if r.status == "ok" else f" ({r.status})"))
+        rows.append({"lesson": p.name[:5], "title": short_title(title_of(_read(p), p)).split(":")[0],
+                     "study (min)": study_minutes(p), "code, quick mode (s)": run or "new: not timed yet",
+                     "timed on": where})
+    df = pd.DataFrame(rows).set_index("lesson") if rows else pd.DataFrame(columns=["title"])
+    return table(df, max_rows=50)
 
 
 # =========================================================================== CLI
@@ -522,6 +537,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--timeout", type=int, help=f"seconds per notebook (default {QUICK_TIMEOUT} quick, {DEFAULT_TIMEOUT})")
     r.add_argument("--out", type=Path, default=BUILD)
     r.add_argument("--notebooks", type=Path, default=NOTEBOOKS)
+    ws = sub.add_parser("workspace", help="copy new and updated lessons into the learner's workspace, "
+                                         "never over the learner's edits")
+    ws.add_argument("--to", type=Path, default=workspace.WORKSPACE, help="the workspace (default: workspace/)")
+    ws.add_argument("--notebooks", type=Path, default=NOTEBOOKS)
     n = sub.add_parser("nav", help="write the previous/next cells (and the index's course map)")
     n.add_argument("--check", action="store_true", help="only report; exit 1 if anything is stale")
     n.add_argument("--notebooks", type=Path, default=NOTEBOOKS)
@@ -531,6 +550,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT)
     x.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "workspace":
+        for name, what in workspace.sync_workspace(args.notebooks, args.to):
+            if what != "up to date":
+                print(f"{name}: {what}")
+        print(f"your copy of the lessons: {args.to}/ (JupyterLab opens it; notebooks/ is the course's source)")
+        return 0
     if args.cmd == "nav":
         changed = nav(args.notebooks, check=args.check)
         for p in changed:

@@ -30,7 +30,7 @@ CONSOLES = ("serial", "virtio")
 MIN_MEMORY_MB = 96  # 64 MiB is too little for the lesson initramfs (measured)
 MAX_CPUS = 32
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.I | re.ASCII)  # ASCII: no Kelvin sign for K
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_SIZE = 1 << 50   # 1 PiB: anything above is a typo, and huge numbers overflow float
 
@@ -224,6 +224,7 @@ class MachineSpec:
     trace: Tuple[str, ...] = ()             # QEMU trace event patterns to count (e.g. "ide_*")
     extra_args: Tuple[str, ...] = ()        # raw QEMU arguments (checked for the few that would break vmlab)
     reboot: bool = True                     # a guest reboot resets the VM (False: QEMU exits instead)
+    nested: bool = False                    # KVM inside the guest: a virtual CPU with svm/vmx, kvm loaded
 
     @property
     def memory_mb(self) -> int:
@@ -239,6 +240,7 @@ class MachineSpec:
         _choice("console", self.console, CONSOLES, "console kind")
         _check_bool("balloon", self.balloon)
         _check_bool("reboot", self.reboot)
+        _check_bool("nested", self.nested)
         if self.cpu_model is not None and not (isinstance(self.cpu_model, str)
                                                and re.fullmatch(r"[A-Za-z0-9_.,+=-]+", self.cpu_model)):
             raise SpecError("cpu_model", f"{self.cpu_model!r} is not a QEMU CPU model",

@@ -47,7 +47,10 @@ register("hosted", "vmlab.experiments.hosted",
 register("clocks", "vmlab.experiments.clocks", "cost of reading the time under each clocksource (TSC, HPET, PM timer)")
 register("balloon", "vmlab.experiments.balloon", "a virtio-balloon inflating and deflating: guest's and host's view")
 register("awareness", "vmlab.experiments.awareness", "what a guest can tell about being virtualized (CPUID, dmesg)")
+register("migration", "vmlab.experiments.migration", "live migration: downtime and total time vs dirty rate and bandwidth")
+register("containers", "vmlab.experiments.containers", "containers vs VMs: start-up, memory, syscall and page-fault cost, isolation")
 register("thin", "vmlab.experiments.thin", "thin provisioning: host allocation of qcow2 and raw images as the guest writes")
+register("exits", "vmlab.experiments.exits", "VM exits by reason under KVM (a 200-line hypervisor; nested if need be)")
 
 
 def get(name: str) -> Callable[..., pd.DataFrame]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from ..errors import SpecError
 from ..guestinfo import where_vm
 from ..measure import Progress, Rows, say
-from ..plots import OKABE_ITO, axes, style, where_label
+from ..plots import OKABE_ITO, axes, is_wide, style, where_label
 from ..vm import VM
 
 if TYPE_CHECKING:
@@ -180,7 +180,8 @@ def run(quick: bool = False, progress: Progress = None, *, accel: str = "tcg",
 
 
 def plot(df: pd.DataFrame, ax: Any = None) -> Any:
-    """ns per clock_gettime for each clocksource (log scale), with emulated reads per call noted."""
+    """ns per clock_gettime for each clocksource (a log axis when they differ by more than 30x), with emulated
+    reads per call noted."""
     import numpy as np
     ax = axes(ax, figsize=(7, 3.8))
     d = df[df.available & df.ns_per_read.notna()] if "ns_per_read" in df else df.iloc[0:0]
@@ -195,10 +196,11 @@ def plot(df: pd.DataFrame, ax: Any = None) -> Any:
                         fontsize=7, xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(x)
     ax.set_xticklabels(d.clocksource)
+    wide = is_wide(y)          # a log axis only when the clocksources differ by more than 30x
     if len(d):
-        ax.set_ylim(top=float(np.nanmax(d.ns_max.to_numpy(dtype=float))) * 3)
+        ax.set_ylim(top=float(np.nanmax(d.ns_max.to_numpy(dtype=float))) * (3 if wide else 1.25))
     missing = df[~df.available].clocksource.tolist()
     title = "Cost of reading the time, by clocksource"
-    style(ax, title=title, ylabel="ns per clock_gettime (log)", log="y",
+    style(ax, title=title, xlabel="clocksource", ylabel="ns per clock_gettime (ns)", log="y" if wide else None,
           source=where_label(df) + (f"; not offered: {', '.join(missing)}" if missing else ""))
     return ax

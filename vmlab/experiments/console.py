@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 from .. import devices as dv
 from .. import plots
 from ..errors import SpecError
-from ..measure import Progress, Rows, say
-from ..plots import KIND_COLORS, style, where_label
+from ..measure import Progress, Rows, advance, plan, say
+from ..plots import style, where_label
 from ..spec import parse_size
 from .contrasts import booted, common_row
 from .disk import stretch
@@ -47,6 +47,7 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     if repeats < 1:
         raise SpecError("repeats", f"{repeats} is not a positive number", fix="e.g. repeats=5")
     rows = Rows("console")
+    plan(progress, len(profs) * (1 + len(totals)))  # a boot and each size, per device
     with rows.guard():
         for prof in profs:
             with booted(prof, rows, progress, accel=accel, image=image) as vm:
@@ -75,19 +76,25 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                     say(progress, f"console: {prof.name} {total} bytes: "
                                   f"{rows.rows[-1]['throughput_mb_s']:.2f} MB/s, "
                                   f"{counted.interventions} interventions")
+                    advance(progress)
     return rows.frame()
 
 
 def plot(df, axes=None):
-    """Throughput and interventions per byte, one bar per device (median over repeats)."""
+    """Throughput and interventions per byte, one bar (and colour) per device, medians over repeats; a log axis
+    only where the devices differ by more than 30x."""
     axes = plots.axes(axes, figsize=(9, 3.5), ncols=2)
     g = df.groupby(["device", "kind"], sort=False)[["throughput_mb_s", "interventions_per_byte"]].median()
     g = g.reset_index()
-    colors = [KIND_COLORS.get(k) for k in g["kind"]]
-    axes[0].bar(g["device"], g["throughput_mb_s"], color=colors)
-    style(axes[0], title="Console write throughput", xlabel="device", ylabel="throughput (MB/s)", log="y",
-          source=where_label(df))
-    axes[1].bar(g["device"], g["interventions_per_byte"], color=colors)
-    style(axes[1], title="Interventions per byte written", xlabel="device",
-          ylabel="interventions per byte (count/byte)", log="y")
+    colors = plots.device_colors(list(g["device"]), dict(zip(g["device"], g["kind"], strict=False)))
+    for ax, metric, title, label in (
+            (axes[0], "throughput_mb_s", "Console write throughput", "throughput (MB/s)"),
+            (axes[1], "interventions_per_byte", "Interventions per byte written", "interventions per byte (count/byte)")):
+        bars = ax.bar(g["device"], g[metric], color=[colors[d] for d in g["device"]], edgecolor=plots.EDGE,
+                      linewidth=0.5)
+        ax.bar_label(bars, labels=[plots.number(v) for v in g[metric]], fontsize=8, padding=2)
+        wide = plots.is_wide(g[metric])
+        ax.set_ylim(top=float(g[metric].max()) * (4 if wide else 1.2))
+        style(ax, title=title, xlabel="device", ylabel=label, log="y" if wide else None,
+              source=where_label(df) if metric == "throughput_mb_s" else "")
     return axes

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
 from ..devices import DeviceProfile, Measurement, boot
 from ..guestinfo import where_vm
-from ..measure import DATA_DIR, Progress, Rows, say
-from ..plots import KIND_COLORS, axes, style, where_label
+from ..measure import DATA_DIR, Progress, Rows, advance, say
+from ..plots import axes, grouped_bars, is_wide, number, style, where_label
 from ..vm import VM
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def booted(profile: DeviceProfile, rows: Optional[Rows] = None, progress: Progre
     """
     say(progress, f"{profile.contrast}: booting a VM with {profile.title}")
     vm = boot(profile, accel=accel, image=image, **spec_kw)
+    advance(progress)           # booting is one step of the experiment's plan
     try:
         if rows is not None:
             rows.where = where_vm(vm)
@@ -121,8 +122,10 @@ def reference_for(contrast: str) -> pd.DataFrame:
 
 
 def plot_interventions(df: pd.DataFrame, ax: Any = None, *, by: Optional[str] = None, per: str = "mb") -> Any:
-    """Interventions per MB (or per byte) per device, split into traps and interrupts; log scale."""
-    ax = axes(ax, figsize=(7, 3.5))
+    """Interventions per MB (or per byte) per device: traps and interrupts side by side (never stacked: on a log
+    axis a stack hides the smaller count), each bar with its number; a log axis only for ranges over 30x."""
+    import pandas as pd
+    ax = axes(ax, figsize=(8, 3.8))
     d = df.copy()
     scale = d["counted_bytes"] / (1e6 if per == "mb" else 1.0)
     d["traps_per"] = d["traps"] / scale
@@ -130,12 +133,21 @@ def plot_interventions(df: pd.DataFrame, ax: Any = None, *, by: Optional[str] = 
     keys = ["device", "kind"] + ([by] if by else [])
     g = d.groupby(keys, sort=False)[["traps_per", "irqs_per"]].median().reset_index()
     labels = g["device"] + ((" " + g[by].astype(str)) if by else "")
-    x = range(len(g))
-    ax.bar(x, g["traps_per"], color=[KIND_COLORS.get(k) for k in g["kind"]], label="traps (register accesses, kicks)")
-    ax.bar(x, g["irqs_per"], bottom=g["traps_per"], color="#999999", label="interrupts")
-    ax.set_xticks(list(x), labels, rotation=20, ha="right")
     unit = "MB" if per == "mb" else "byte"
-    style(ax, title=f"Interventions per {unit} moved", xlabel="device",
-          ylabel=f"interventions per {unit} (count/{unit})", log="y", source=where_label(df))
-    ax.legend(fontsize=8)
+    t = pd.DataFrame({"traps (register accesses, kicks)": g["traps_per"].to_numpy(),
+                      "interrupts": g["irqs_per"].to_numpy()}, index=list(labels))
+    grouped_bars(ax, t, colors={"traps (register accesses, kicks)": "#555555", "interrupts": "#56B4E9"},
+                 hatches=True)
+    wide = is_wide(t.to_numpy().ravel())
+    for c in ax.containers:
+        ax.bar_label(c, labels=[number(v) if v > 0 else "0" for v in c.datavalues], fontsize=7, padding=1,
+                     rotation=90 if len(t) > 4 else 0)
+    if wide:
+        lo = t[t > 0].min().min()
+        ax.set_ylim(bottom=lo / 3 if lo == lo else None, top=t.max().max() * 8)
+    else:
+        ax.set_ylim(top=t.max().max() * 1.3)
+    style(ax, title=f"Interventions per {unit} moved", xlabel="device" + (f" and {by}" if by else ""),
+          ylabel=f"interventions per {unit} (count/{unit})", log="y" if wide else None, source=where_label(df))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax

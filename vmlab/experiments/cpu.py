@@ -344,7 +344,7 @@ def plot_paper(df: Any, reference: Optional[Any] = None, ax: Any = None) -> Any:
     import numpy as np
     from matplotlib.ticker import ScalarFormatter
     t = paper_ratios(df, reference)
-    ax = axes(ax, figsize=(8, 4))
+    ax = axes(ax, figsize=(10, 4.5))   # room for the legend beside the bars (constrained layout)
     cols = [c for c in t.columns if c != "vmbench"]
     colors = {"paper: software VMM / native": OKABE_ITO[0], "paper: hardware VMM / native": OKABE_ITO[2],
               "measured: TCG / native": OKABE_ITO[1], "measured: KVM / native": OKABE_ITO[4]}
@@ -360,7 +360,7 @@ def plot_paper(df: Any, reference: Optional[Any] = None, ax: Any = None) -> Any:
           ylabel="time / native time (log)", log="y")
     ax.set_ylim(0.5, max(2.0, float(np.nanmax(t[cols].to_numpy(dtype=float))) * 1.6))
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside, not on a bar
     source_note(ax, "measured: " + source_label(df))
     ax.annotate("published: Adams & Agesen, ASPLOS 2006, read in a secondary text (data/reference)",
                 xy=(1.0, -0.26), xycoords="axes fraction", ha="right", va="top", fontsize=7, color="#555555")
@@ -383,8 +383,8 @@ def plot_ns(df: Any, ax: Any = None) -> Any:
     w = 0.8 / max(1, len(plats))
     for j, b in enumerate(order):
         if "native" in t.columns and not np.isfinite(t.loc[b, "native"]):
-            ax.annotate("native\nskipped", (x[j] - w * (len(plats) - 1) / 2, 1), fontsize=6, ha="center",
-                        xycoords=("data", "axes fraction"), va="top")
+            ax.annotate("native\nskipped", (x[j] - w * (len(plats) - 1) / 2, 0.02), fontsize=6, ha="center",
+                        xycoords=("data", "axes fraction"), va="bottom")
     ax.legend(title="platform")
     style(ax, title="Nanobenchmarks: cost per operation (median; bars = min..max over repeats)",
           ylabel="ns per operation (log)", log="y")

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from .. import devices as dv
 from ..errors import SpecError
-from ..measure import Progress, Rows, say
-from ..plots import KIND_COLORS, axes, grouped_bars, style, where_label
+from ..measure import Progress, Rows, advance, plan, say
+from ..plots import axes, device_colors, grouped_bars, is_wide, style, where_label
 from ..spec import parse_size
 from .contrasts import booted, common_row
 
@@ -90,6 +90,9 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     patterns = tuple(patterns or (("seq",) if quick else PATTERNS))
     bss = _sizes(bs if bs is not None else ([65536] if quick else [4096, 65536, 262144]), "bs")
     total_b = parse_size(total, "total") if total is not None else (8 << 20 if quick else 16 << 20)
+    if total_b > 1 << 30:     # e.g. total=2 << 20 meant as 2 MiB: a bare number is MiB, so that is 2 TiB
+        raise SpecError("total", f"{total!r} is {total_b / 2**30:,.0f} GiB per run (a bare number means MiB)",
+                        fix='give the size with its unit, e.g. total="8M"')
     cap = parse_size(count_cap, "count_cap") if count_cap is not None else 2 << 20
     repeats = int(repeats or (1 if quick else 5))
     min_s = float(min_seconds if min_seconds is not None else (0.0 if quick else 0.3))
@@ -102,6 +105,7 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
             raise SpecError("bs", f"block size {b} is larger than total {total_b}", fix="raise total= or lower bs=")
 
     rows = Rows("disk")
+    plan(progress, len(profs) * (1 + len(wl)))      # a boot and each workload, per device
     with rows.guard():
         for prof in profs:
             with booted(prof, rows, progress, accel=accel, image=image, disk_size=disk_size) as vm:
@@ -130,22 +134,24 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                     say(progress, f"disk: {prof.name} {mode} {pattern} bs={b}: "
                                   f"{rows.rows[-1]['throughput_mb_s']:.1f} MB/s, "
                                   f"{counted.interventions} interventions")
+                    advance(progress)
     return rows.frame()
 
 
 def plot(df, ax=None, *, metric: str = "throughput_mb_s"):
-    """Bars per device (median over repeats) for each workload; log scale for wide ranges."""
+    """Bars per device (median over repeats) for each workload, a colour per device; a log axis only when the
+    values span more than 30x."""
     ax = axes(ax, figsize=(8, 4))
     g = df.groupby(["mode", "pattern", "bs", "device", "kind"], sort=False)[metric].median().reset_index()
     g["workload"] = g["mode"] + " " + g["pattern"] + "\n" + (g["bs"] // 1024).astype(str) + " KiB"
     kind = dict(zip(g["device"], g["kind"], strict=False))
     table = g.pivot(index="workload", columns="device", values=metric).reindex(
         index=list(dict.fromkeys(g["workload"])), columns=list(dict.fromkeys(g["device"])))
-    grouped_bars(ax, table, colors=lambda d: KIND_COLORS.get(kind[d]), hatches=True,
-                 labels=lambda d: f"{d} ({kind[d]})")
+    colors = device_colors(list(table.columns), kind)      # one colour per device: warm emulated, cool virtio
+    grouped_bars(ax, table, colors=colors, labels=lambda d: f"{d} ({kind[d]})")
     label = {"throughput_mb_s": "throughput (MB/s)", "interventions_per_mb": "interventions per MB (count/MB)",
              "lat_us_median": "median latency per operation (µs)"}.get(metric, metric)
     style(ax, title=f"Disks: {label}", xlabel="workload (mode, pattern, block size)", ylabel=label,
-          log="y", source=where_label(df))
+          log="y" if is_wide(g[metric]) else None, source=where_label(df))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside, not over the bars
     return ax

@@ -29,9 +29,9 @@ from .. import devices as dv
 from .. import plots
 from ..errors import ExperimentError, SpecError, VMError
 from ..guestinfo import nic_socket
-from ..measure import Progress, Rows, say
+from ..measure import Progress, Rows, advance, plan, say
 from ..netsink import HOST_IP, NetSink, guest_setup
-from ..plots import KIND_COLORS, grouped_bars, style, where_label
+from ..plots import grouped_bars, style, where_label
 from .contrasts import booted, common_row
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
     if count < 1 or rr_count < 1 or repeats < 1:
         raise SpecError("count", "count, rr_count and repeats must be positive", fix="e.g. count=2000")
     rows = Rows("net")
+    plan(progress, len(profs) * (1 + sum(1 if d == "rr" else len(sizes) for d in directions)))
     with rows.guard():
         for prof in profs:
             with booted(prof, rows, progress, accel=accel, image=image) as vm:
@@ -172,12 +173,14 @@ def run(quick: bool = False, progress: Progress = None, *, devices: Optional[Ite
                             say(progress, f"net: {prof.name} {d} {size} B: "
                                           f"{(last['throughput_mb_s'] or 0):.2f} MB/s, "
                                           f"{(last['pps'] or 0):.0f} pkt/s, {cm.interventions} interventions")
+                            advance(progress)
     df = rows.frame()
     return df
 
 
 def plot(df, axes=None):
-    """Throughput per direction and interventions per MB, one bar per device (medians)."""
+    """Throughput per direction and interventions per MB, one bar (and colour) per device, medians; a log axis
+    only where the values span more than 30x."""
     axes = plots.axes(axes, figsize=(11.5, 3.8), ncols=2)
     g = df[df.direction != "rr"].groupby(["direction", "size_bytes", "device", "kind"], sort=False)[
         ["throughput_mb_s", "interventions_per_mb"]].median().reset_index()
@@ -188,9 +191,9 @@ def plot(df, axes=None):
     for ax, metric, label in ((axes[0], "throughput_mb_s", "throughput (MB/s)"),
                               (axes[1], "interventions_per_mb", "interventions per MB (count/MB)")):
         table = g.pivot(index="workload", columns="device", values=metric).reindex(index=wls, columns=devs)
-        grouped_bars(ax, table, colors=lambda d: KIND_COLORS.get(kind[d]), hatches=True,
-                     labels=lambda d: f"{d} ({kind[d]})")
-        style(ax, title=f"NICs: {label}", xlabel="direction, UDP payload size", ylabel=label, log="y",
+        grouped_bars(ax, table, colors=plots.device_colors(devs, kind), labels=lambda d: f"{d} ({kind[d]})")
+        style(ax, title=f"NICs: {label}", xlabel="direction, UDP payload size", ylabel=label,
+              log="y" if plots.is_wide(g[metric]) else None,
               source=where_label(df) if metric == "throughput_mb_s" else "")
-    axes[1].legend(fontsize=8, loc="upper right")   # few interventions there leave that corner free
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # beside the bars
     return axes

@@ -97,6 +97,24 @@
  *     then sleep T ms (default 0) before exiting so a host can observe RSS.
  *     -> {"test":"touch","mb","seconds","mb_s"}
  *
+ * dirty --mb N --rate-mbs R [--seconds S] [--beat-ms T] [--dst IP --port P]
+ *       [--counter PATH]
+ *     A live-migration workload: mmap N MiB of anonymous memory, touch every
+ *     page, then write one 8-byte word per 4 KiB page, walking the region
+ *     round-robin, at R MiB of pages per second (R = 0: no writes, heartbeat
+ *     only; R >= 100000: as fast as it can). Bursts after a stall are capped
+ *     at 50 ms of work. Every T ms (default 5) a heartbeat: the beat counter
+ *     goes up, a 28-byte UDP datagram ("VMHB", seq, guest CLOCK_MONOTONIC ns,
+ *     pages written so far; big-endian) goes to IP:P if given, and the
+ *     counter is written to PATH if given. Runs S seconds (0, the default:
+ *     until SIGTERM/SIGINT). max_gap_ms is the longest gap between beats on
+ *     the guest's own monotonic clock. At the end every page written is
+ *     checked: it must still hold the value of its last write (stale_pages
+ *     counts those that do not: writes that were lost, e.g. by a migration).
+ *     -> {"test":"dirty","mb","rate_mbs","seconds","pages_written",
+ *         "achieved_mbs","beats","beat_ms","max_gap_ms","send_errors",
+ *         "pages_checked","stale_pages"}
+ *
  * sysinfo
  *     -> {"test":"sysinfo","hypervisor_bit" (CPUID.1:ECX[31]),
  *         "hypervisor_vendor" (CPUID 0x40000000 EBX,ECX,EDX; null if no bit),
@@ -154,6 +172,8 @@ static const char *usage_text =
 "       mmap_munmap clock_gettime rdtsc compute memory_bw fork_wait\n"
 "  spin --seconds S\n"
 "  touch --mb N [--hold-ms T]\n"
+"  dirty --mb N --rate-mbs R [--seconds S] [--beat-ms T] [--dst IP --port P]\n"
+"        [--counter PATH]\n"
 "  sysinfo\n"
 "Sizes accept a k/m/g suffix (powers of 1024). Exit status: 0 ok, 1 runtime\n"
 "error, 2 bad usage. See the header of vmbench.c for every output field.\n";
@@ -1385,11 +1405,141 @@ static int cmd_sysinfo(int argc, char **argv)
 }
 
 /* ------------------------------------------------------------------ */
+/* dirty: memory-dirtying workload with a heartbeat (live migration)    */
+
+static volatile sig_atomic_t g_stop;
+static void on_stop(int sig) { (void)sig; g_stop = 1; }
+
+static void put_be64(unsigned char *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) { p[i] = (unsigned char)(v & 0xff); v >>= 8; }
+}
+
+static int cmd_dirty(int argc, char **argv)
+{
+    enum { OPT_MB = 1, OPT_RATE, OPT_SECS, OPT_BEAT, OPT_DST, OPT_PORT, OPT_CTR };
+    static const struct option lo[] = {
+        {"mb", required_argument, 0, OPT_MB}, {"rate-mbs", required_argument, 0, OPT_RATE},
+        {"seconds", required_argument, 0, OPT_SECS}, {"beat-ms", required_argument, 0, OPT_BEAT},
+        {"dst", required_argument, 0, OPT_DST}, {"port", required_argument, 0, OPT_PORT},
+        {"counter", required_argument, 0, OPT_CTR}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    uint64_t mb = 0, beat_ms = 5, port = 0;
+    double rate = -1, secs = 0;
+    const char *dst_s = NULL, *ctr = NULL;
+    struct in_addr dst = {0};
+    int c;
+    while ((c = next_opt(argc, argv, lo)) != -1) {
+        switch (c) {
+        case OPT_MB: mb = parse_u64("--mb", optarg, 1, 1ull << 20); break;
+        case OPT_RATE: rate = parse_dbl("--rate-mbs", optarg, 0, 1e6); break;
+        case OPT_SECS: secs = parse_dbl("--seconds", optarg, 0, 86400 * 30); break;
+        case OPT_BEAT: beat_ms = parse_u64("--beat-ms", optarg, 1, 60000); break;
+        case OPT_DST: dst_s = optarg; dst = parse_ip("--dst", optarg); break;
+        case OPT_PORT: port = parse_u64("--port", optarg, 1, 65535); break;
+        case OPT_CTR: ctr = optarg; break;
+        }
+    }
+    REQUIRE(mb, "--mb");
+    REQUIRE(rate >= 0, "--rate-mbs");
+    if (!dst_s != !port) die_usage("--dst and --port go together");
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    size_t page = 4096, len = (size_t)mb << 20, npages = len / page;
+    uint64_t *p = map_anon(len);
+    madvise(p, len, MADV_NOHUGEPAGE);
+    for (size_t i = 0; i < npages; i++) p[i * (page / 8)] = 1;
+    int fd = -1, cfd = -1;
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port), .sin_addr = dst };
+    if (dst_s) fd = udp_socket();
+    if (ctr) {
+        cfd = open(ctr, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (cfd < 0) die_rt("open %s: %s", ctr, strerror(errno));
+    }
+    int unpaced = rate >= 100000;
+    double per_ns = rate * 256.0 / 1e9;            /* pages per ns */
+    double credit = 0, cap = per_ns * 50e6;        /* at most 50 ms of work in one burst */
+    uint64_t beat_ns = beat_ms * 1000000ull, written = 0, beats = 0, errors = 0, value = 1, max_gap = 0;
+    size_t idx = 0;
+    uint64_t t0 = now_ns(), end = secs > 0 ? t0 + (uint64_t)(secs * 1e9) : UINT64_MAX;
+    uint64_t last = t0, next_beat = t0, prev_beat = 0;
+    unsigned char msg[28];
+    memcpy(msg, "VMHB", 4);
+    while (!g_stop) {
+        uint64_t t = now_ns();
+        if (t >= end) break;
+        if (t >= next_beat) {
+            if (prev_beat && t - prev_beat > max_gap) max_gap = t - prev_beat;
+            prev_beat = t;
+            beats++;
+            put_be64(msg + 4, beats); put_be64(msg + 12, t); put_be64(msg + 20, written);
+            if (fd >= 0 && sendto(fd, msg, sizeof msg, 0, (struct sockaddr *)&a, sizeof a) < 0) errors++;
+            if (cfd >= 0) {
+                char num[32];
+                int n = snprintf(num, sizeof num, "%llu\n", (unsigned long long)beats);
+                if (pwrite(cfd, num, (size_t)n, 0) < 0) errors++;
+            }
+            next_beat += beat_ns;
+            if (next_beat <= t) next_beat = t + beat_ns;
+        }
+        uint64_t todo;
+        if (unpaced) todo = 256;
+        else {
+            credit += (double)(t - last) * per_ns;
+            if (credit > cap && cap > 0) credit = cap;
+            todo = credit >= 1 ? (uint64_t)credit : 0;
+            if (todo > 256) todo = 256;
+            credit -= (double)todo;
+        }
+        last = t;
+        if (rate > 0 && todo) {
+            for (uint64_t k = 0; k < todo; k++) {
+                p[idx * (page / 8)] = ++value;
+                if (++idx == npages) idx = 0;
+            }
+            written += todo;
+            continue;
+        }
+        /* nothing due: sleep until the next beat or the next page, at most 1 ms */
+        uint64_t wait = next_beat > t ? next_beat - t : 0;
+        if (rate > 0 && !unpaced) {
+            uint64_t page_due = (uint64_t)((1.0 - credit) / per_ns);
+            if (page_due < wait) wait = page_due;
+        }
+        if (wait > 1000000) wait = 1000000;
+        if (wait > 20000) sleep_ns(wait);
+    }
+    uint64_t t1 = now_ns();
+    /* every page holds the value of its last write: walking back from the last page written, the
+       values must go down by one per page; a page that does not hold its value lost a write */
+    uint64_t checked = written < npages ? written : npages, stale = 0;
+    for (uint64_t k = 0; k < checked; k++) {
+        size_t j = (idx + npages - 1 - (size_t)(k % npages)) % npages;
+        if (p[j * (page / 8)] != value - k) stale++;
+    }
+    if (fd >= 0) close(fd);
+    if (cfd >= 0) close(cfd);
+    munmap(p, len);
+    double el = (t1 - t0) / 1e9;
+    j_open(NULL);
+    j_str("test", "dirty"); j_u64("mb", mb); j_num("rate_mbs", rate); j_num("seconds", el);
+    j_u64("pages_written", written);
+    j_num("achieved_mbs", el > 0 ? written / 256.0 / el : 0);
+    j_u64("beats", beats); j_u64("beat_ms", beat_ms); j_num("max_gap_ms", max_gap / 1e6);
+    j_u64("send_errors", errors); j_u64("pages_checked", checked); j_u64("stale_pages", stale);
+    j_close(); j_end();
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
 
 static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
     {"disk", cmd_disk}, {"write", cmd_write}, {"udp-send", cmd_udp_send},
     {"udp-recv", cmd_udp_recv}, {"udp-rr", cmd_udp_rr}, {"udp-echo", cmd_udp_echo},
     {"cpu", cmd_cpu}, {"spin", cmd_spin}, {"touch", cmd_touch}, {"sysinfo", cmd_sysinfo},
+    {"dirty", cmd_dirty},
 };
 
 int main(int argc, char **argv)

@@ -49,7 +49,7 @@ from .cache import GuestImage
 from .cli import build_image_cli
 from .cpio import CpioEntry, read_cpio, write_cpio
 from .elf import extract_vmlinux
-from .guesttools import GUEST_TOOLS, GuestTool, native_tool
+from .guesttools import GUEST_TOOLS, GuestTool, native_programs, native_tool
 from .rootfs import build_rootfs, unpack_rootfs
 from .status import image_status
 
@@ -64,6 +64,7 @@ __all__ = [
     "ensure_image",
     "extract_vmlinux",
     "image_status",
+    "native_programs",
     "native_tool",
     "read_cpio",
     "unpack_rootfs",

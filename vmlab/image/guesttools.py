@@ -4,6 +4,9 @@ Every C tool of the guest is a row of :data:`GUEST_TOOLS`: its source is ``guest
 it is compiled with ``gcc -static`` (the guest has no C library) and installed as
 ``/bin/<name>``. To add one, put the C file in ``vmlab/guest/`` and add a row; the image key
 changes with the guest directory's contents, so the next ``ensure_image()`` rebuilds.
+A tool with ``programs`` also has guest programs of its own: every ``guest/<programs>/NAME.S``
+is assembled into a flat binary (:data:`FLAT_CFLAGS`) installed as ``/lib/<name>/NAME.bin``
+(the hypervisor ``hv`` runs them as the code of its VMs).
 
 :func:`native_tool` compiles a tool for the host instead (cached by source hash in
 ``cache_dir()/native``): the "no hypervisor" baseline of the CPU and hosted lessons.
@@ -35,13 +38,20 @@ class GuestTool:
     name: str                                     # installed as /bin/<name>
     source: str                                   # file name in the guest sources dir
     cflags: tuple[str, ...] = STATIC_CFLAGS
+    programs: str = ""                            # dir of NAME.S flat programs -> /lib/<name>/NAME.bin
 
 
 #: vmlab's C tools in the guest image, in build order
 GUEST_TOOLS: tuple[GuestTool, ...] = (
     GuestTool("vmagent", "vmagent.c"),     # the guest agent (commands, files, over virtio-serial)
     GuestTool("vmbench", "vmbench.c"),     # the benchmark program (CPU, memory, I/O, timers)
+    GuestTool("hv", "hv.c", programs="hvprogs"),   # a hypervisor in 200 lines on /dev/kvm, its guest programs
 )
+
+#: a flat binary (no headers) of 32-bit code linked to run at guest-physical 0x10000,
+#: where hv loads it (HV_LOAD in guest/hvprogs/hvdefs.h); entry point at its first byte
+FLAT_CFLAGS: tuple[str, ...] = ("-nostdlib", "-static", "-Wl,--build-id=none", "-Wl,-Ttext=0x10000",
+                                "-Wl,-e,_start", "-Wl,--oformat=binary")
 
 #: every file a guest sources dir must have
 GUEST_SOURCES: tuple[str, ...] = ("init", "modules.txt", *(t.source for t in GUEST_TOOLS))
@@ -123,10 +133,41 @@ def compile_tool(src: Path, out: Path, cflags: tuple[str, ...] = STATIC_CFLAGS) 
 
 
 def install_guest_tools(gdir: Path, bindir: Path, progress: Progress) -> None:
-    """Compile every tool of :data:`GUEST_TOOLS` from ``gdir`` into ``bindir``."""
+    """Compile every tool of :data:`GUEST_TOOLS` from ``gdir`` into ``bindir`` (and its guest
+    programs into ``bindir/../lib/<name>/``)."""
     for tool in GUEST_TOOLS:
         say(progress, f"compiling {tool.source} (gcc -static)")
         compile_tool(gdir / tool.source, bindir / tool.name, tool.cflags)
+        if tool.programs:
+            compile_programs(gdir / tool.programs, bindir.parent / "lib" / tool.name)
+
+
+def compile_programs(src_dir: Path, out_dir: Path) -> list[str]:
+    """Assemble every ``src_dir/NAME.S`` into the flat binary ``out_dir/NAME.bin``; their names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for src in sorted(src_dir.glob("*.S")):
+        compile_tool(src, out_dir / f"{src.stem}.bin", FLAT_CFLAGS)
+        os.chmod(out_dir / f"{src.stem}.bin", 0o644)
+        names.append(src.stem)
+    return names
+
+
+def native_programs(name: str, progress: Progress = None, guest_dir: Optional[Path] = None) -> Path:
+    """The guest programs of tool ``name`` assembled on the host, cached by source hash
+    (``cache_dir()/native/<name>-programs-<hash>/NAME.bin``): what ``native_tool(name)`` runs."""
+    tool = guest_tool(name)
+    src_dir = resolve_guest_dir(guest_dir) / tool.programs
+    h = hashlib.sha256(" ".join(FLAT_CFLAGS).encode())
+    for p in sorted(src_dir.iterdir()):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    d = config.cache_subdir("native") / f"{name}-programs-{h.hexdigest()[:16]}"
+    if not d.is_dir():
+        say(progress, f"assembling the guest programs of {name} for the host")
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        compile_programs(src_dir, tmp)
+        os.replace(tmp, d)
+    return d
 
 
 def native_tool(name: str, progress: Progress = None, force: bool = False,

@@ -169,6 +169,36 @@ def copy_module(src: Path, dst_no_ext: Path) -> None:
                          fix="use modules ending in .ko, .ko.xz, .ko.zst or .ko.gz")
 
 
+SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(path: Path) -> bool:
+    """Cut the appended signature off a module file; True if it had one.
+
+    The guest kernel then skips a public-key check per module (tens of ms each
+    under TCG, docs/boot.md) and marks itself tainted ("E", unsigned module).
+    Only for kernels that do not enforce signatures (CONFIG_MODULE_SIG_FORCE unset).
+    """
+    data = path.read_bytes()
+    if not data.endswith(SIGNATURE_MAGIC):
+        return False
+    # struct module_signature (12 bytes, sig_len big-endian at its end) precedes the magic
+    end = len(data) - len(SIGNATURE_MAGIC)
+    sig_len = int.from_bytes(data[end - 4:end], "big")
+    start = end - 12 - sig_len
+    if start <= 0:
+        return False
+    path.write_bytes(data[:start])
+    return True
+
+
+def signatures_enforced(config_file: Path | None) -> bool:
+    """Does the kernel built with ``config_file`` refuse unsigned modules? (True if unknown.)"""
+    if config_file is None or not config_file.is_file():
+        return True
+    return "CONFIG_MODULE_SIG_FORCE=y" in config_file.read_text(errors="replace").splitlines()
+
+
 def depmod(root: Path, version: str) -> None:
     """``depmod -b root version``: write root/lib/modules/version/modules.dep and friends."""
     tool = need_tool("depmod", needed_for=_NEEDED)
@@ -193,14 +223,18 @@ def prepare_modules_dir(mdir: Path, version: str, work: Path, progress: Progress
     return target
 
 
-def install_modules(moddir: Path, closure: ModuleClosure, dest: Path, version: str) -> None:
-    """Copy the closure's modules (decompressed), modules.builtin and the matching lines of
-    modules.order into ``dest/lib/modules/version``, then run depmod there."""
+def install_modules(moddir: Path, closure: ModuleClosure, dest: Path, version: str, *,
+                    strip_signatures: bool = False) -> None:
+    """Copy the closure's modules (decompressed; signatures cut off with ``strip_signatures``),
+    modules.builtin and the matching lines of modules.order into ``dest/lib/modules/version``,
+    then run depmod there."""
     mdest = dest / "lib" / "modules" / version
     mdest.mkdir(parents=True, exist_ok=True)
     for rel in closure["paths"]:
         out_rel = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", rel)
         copy_module(moddir / rel, mdest / out_rel)
+        if strip_signatures:
+            strip_signature(mdest / out_rel)
     if (moddir / "modules.builtin").is_file():
         shutil.copyfile(moddir / "modules.builtin", mdest / "modules.builtin")
     order = moddir / "modules.order"

@@ -35,7 +35,8 @@ _LINKS = (("sbin", "bin"), ("usr/bin", "../bin"), ("usr/sbin", "../bin"))
 
 def build_rootfs(dest_dir: Path, *, kernel_version: str, guest_dir: Optional[Path] = None,
                  modules_dir: Optional[Path] = None, busybox: Optional[Path] = None,
-                 manifest: Optional[dict[str, Any]] = None, progress: Progress = None) -> dict[str, Any]:
+                 manifest: Optional[dict[str, Any]] = None, progress: Progress = None,
+                 strip_module_signatures: bool = False) -> dict[str, Any]:
     """Build the guest's root file system as a directory tree in ``dest_dir``.
 
     This is the staging step of the image build; the initramfs is this tree
@@ -43,8 +44,9 @@ def build_rootfs(dest_dir: Path, *, kernel_version: str, guest_dir: Optional[Pat
     as files; devtmpfs provides them at boot anyway). ``modules_dir`` is the
     kernel's ``/lib/modules/<version>`` directory with a ``modules.dep`` (None:
     no modules). ``manifest`` (if given) is completed with what went in and
-    written to ``/etc/vmlab/manifest.json``. Returns the module/busybox/gcc
-    facts (also merged into ``manifest``).
+    written to ``/etc/vmlab/manifest.json``. ``strip_module_signatures`` cuts the
+    modules' signatures off (faster loading; only for kernels that do not enforce
+    them). Returns the module/busybox/gcc facts (also merged into ``manifest``).
     """
     dest = Path(dest_dir)
     gdir = resolve_guest_dir(guest_dir)
@@ -59,11 +61,12 @@ def build_rootfs(dest_dir: Path, *, kernel_version: str, guest_dir: Optional[Pat
         closure = module_closure(Path(modules_dir), wanted)
         say(progress, f"copying {len(closure['paths'])} kernel modules "
                       f"({len(wanted)} asked for, with dependencies)")
-        install_modules(Path(modules_dir), closure, dest, kernel_version)
+        install_modules(Path(modules_dir), closure, dest, kernel_version,
+                        strip_signatures=strip_module_signatures)
         info["modules"] = closure["names"]
         info["modules_missing"] = closure["missing"]
         info["modules_builtin"] = closure["builtin"]
-        info["modules_note"] = ""
+        info["modules_note"] = "signatures stripped" if strip_module_signatures else ""
     else:
         info["modules"] = []
         info["modules_missing"] = [n for n, _ in wanted]

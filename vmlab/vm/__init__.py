@@ -20,14 +20,17 @@ One job per module (each may import the ones above it in this list, never below)
     warm      warm snapshots: save a booted guest, restore it
     tracing   QEMU trace events of a VM
     metrics   the QEMU process's CPU time and memory, from /proc
+    nested    nested guests: proving KVM works inside one (vm.nested_kvm), doctor's probe
     machine   AsyncVM: the rooms together; start, lifecycle actions, shutdown
     sync      VM, the synchronous face; kvm_verdict, require_kvm
+    profile   where a boot's time goes (python -m vmlab boot --profile, docs/boot.md)
 """
 
 from .accel import kvm_device_problem
 from .agent import RunResult
 from .machine import AsyncVM
 from .state import RunState
-from .sync import VM, kvm_verdict, require_kvm
+from .sync import VM, kvm_verdict, nested_verdict, require_kvm
 
-__all__ = ["VM", "AsyncVM", "RunResult", "RunState", "kvm_device_problem", "kvm_verdict", "require_kvm"]
+__all__ = ["VM", "AsyncVM", "RunResult", "RunState", "kvm_device_problem", "kvm_verdict", "nested_verdict",
+           "require_kvm"]

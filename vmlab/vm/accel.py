@@ -31,7 +31,7 @@ from ..image import GuestImage, ensure_image
 from ..log import get_logger
 from ..tools import qemu_version
 
-__all__ = ["PROBE_TIMEOUT", "BootKVM", "KvmVerdict", "ProbeVM", "kvm_device_problem", "probe_kvm",
+__all__ = ["PROBE_TIMEOUT", "BootKVM", "KvmVerdict", "ProbeVM", "host_key", "kvm_device_problem", "probe_kvm",
            "resolve_accel"]
 
 log = get_logger(__name__)
@@ -73,7 +73,8 @@ def _verdict_file() -> Path:
     return config.cache_dir() / "accel-verdicts.json"
 
 
-def _host_key(image_key: str) -> str:
+def host_key(image_key: str) -> str:
+    """What a remembered verdict is valid for: this host, its kernel, this QEMU, this image."""
     return f"{socket.gethostname()}|{platform.release()}|qemu-{qemu_version()}|{image_key}"
 
 
@@ -119,7 +120,7 @@ async def probe_kvm(boot: BootKVM, image: Optional[GuestImage] = None, timeout: 
                 "checked": time.time(), "cached": False}
     if image is None:
         image = await asyncio.get_running_loop().run_in_executor(None, ensure_image)
-    key = _host_key(image.key)
+    key = host_key(image.key)
     if use_cache:
         if key in _cache:
             return {**_cache[key], "cached": True}
@@ -190,5 +191,5 @@ async def _cached_verdict() -> Optional[KvmVerdict]:
         image = await asyncio.get_running_loop().run_in_executor(None, ensure_image)
     except VMLabError:
         return None
-    key = _host_key(image.key)
+    key = host_key(image.key)
     return _cache.get(key) or _load().get(key)

@@ -3,7 +3,7 @@
 Each event is a dict ``{"event", "data", "t" (seconds since launch), "wall",
 "source": "qemu"|"vmlab"|"agent"}`` (plus ``qemu_time``, QEMU's own
 timestamp, for QEMU's events). vmlab adds LAUNCH, READY, ACTION, EXIT,
-GUEST_BYE, WARM_SAVED and WARM_SKIPPED.
+GUEST_BYE, WARM_SAVED, WARM_SKIPPED and RESTORED (a warm snapshot loaded).
 
 :meth:`EventLog.wait_for` looks from the last lifecycle action
 (:meth:`EventLog.mark_action`) by default, so an event that came before the

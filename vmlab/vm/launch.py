@@ -11,12 +11,14 @@ tells the event loop when it exits.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,7 +30,7 @@ from ..image import GuestImage
 from ..log import get_logger
 from ..spec import Disk, parse_size
 from ..tools import qemu_img
-from . import reaper
+from . import reaper, runner
 from .agent import AgentClient
 from .console import user_only
 from .core import VMCore
@@ -38,6 +40,25 @@ from .state import Trigger
 __all__ = ["LaunchMixin"]
 
 log = get_logger(__name__)
+
+# VMs launched on vmlab's private loop and not torn down yet: closed at interpreter exit (before the reaper's
+# atexit kills what is left), so no reader task is destroyed pending and QMP's end-of-file is collected.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_all_at_exit() -> None:
+    loop = runner.running_loop()
+    vms = [vm for vm in list(_LIVE) if getattr(vm, "_loop", None) is loop]
+    if loop is None or not vms:
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(vm._teardown(force=True) for vm in vms), return_exceptions=True)
+    try:
+        asyncio.run_coroutine_threadsafe(close_all(), loop).result(20)
+    except Exception as exc:       # the reaper's atexit still kills what is left
+        log.debug("closing VMs at exit: %r", exc)
 
 
 class LaunchMixin(VMCore):
@@ -95,6 +116,7 @@ class LaunchMixin(VMCore):
                 incoming_file.close()
         self.pid = self._proc.pid
         reaper.register(self.pid, None if self.keep_dir else self.private_dir)
+        self._remember_live(loop)
         self._finalizer = reaper.finalizer(self, self.pid, None if self.keep_dir else self.private_dir)
         pidfd = os.pidfd_open(self.pid)
         loop.add_reader(pidfd, self._on_exit, pidfd)
@@ -121,6 +143,14 @@ class LaunchMixin(VMCore):
         self._advance(Trigger.RESTORING if incoming else Trigger.LAUNCHED_PAUSED if paused else Trigger.LAUNCHED)
         self._record_event("LAUNCH", {"pid": self.pid, "paused": paused, "incoming": bool(incoming)},
                            source="vmlab")
+
+    def _remember_live(self, loop: asyncio.AbstractEventLoop) -> None:
+        global _atexit_registered
+        self._loop = loop
+        _LIVE.add(self)
+        if not _atexit_registered:      # registered after the reaper's hook, so it runs before it
+            atexit.register(_close_all_at_exit)
+            _atexit_registered = True
 
     def _prepare_disk(self, index: int, disk: Disk) -> Path:
         if disk.path is not None:
@@ -194,6 +224,33 @@ class LaunchMixin(VMCore):
         self.pid = None
         self.exit_code = None
 
+    async def _close_channels(self) -> None:
+        """Disconnect QMP and the agent and stop the reader tasks; idempotent. Called once QEMU has exited
+        (kill, quit) and by teardown, so no task is left pending and QMP's end-of-file is collected
+        (otherwise asyncio prints "Task was destroyed but it is pending!" and "_GatheringFuture exception
+        was never retrieved ... EOFError" when the loop's objects are collected, e.g. at interpreter exit)."""
+        if self._qmp is not None:
+            qmp, self._qmp = self._qmp, None
+            try:
+                await asyncio.wait_for(qmp.disconnect(), 2)
+            except Exception as exc:      # QEMU gone: the reader's EOFError is collected here, on purpose
+                log.debug("%s: disconnecting QMP: %r", self.spec.name, exc)
+        if self._agent is not None:
+            agent, self._agent = self._agent, None
+            await agent.close()
+        me = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not me]
+        self._tasks = [t for t in self._tasks if t is me]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:
+                log.debug("%s: task %s ended with %r", self.spec.name, t.get_name(), exc)
+
     async def _teardown(self, force: bool) -> None:
         """Release everything; idempotent. ``force`` also kills QEMU.
 
@@ -212,25 +269,7 @@ class LaunchMixin(VMCore):
                 log.debug("%s: QEMU (pid %s) did not exit: %r", self.spec.name, self.pid, exc)
             if self._exited is not None and not self._exited.is_set():
                 await self._wait_exit(2)   # let EXIT be recorded before the readers go
-        if self._qmp is not None:
-            try:
-                await asyncio.wait_for(self._qmp.disconnect(), 2)
-            except Exception as exc:
-                log.debug("%s: disconnecting QMP failed: %r", self.spec.name, exc)
-            self._qmp = None
-        if self._agent is not None:
-            await self._agent.close()
-            self._agent = None
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except BaseException as exc:
-                log.debug("%s: task %s ended with %r", self.spec.name, t.get_name(), exc)
-        self._tasks.clear()
+        await self._close_channels()
         self._console.close()
         for s in self._socks:
             try:
@@ -238,6 +277,7 @@ class LaunchMixin(VMCore):
             except Exception as exc:
                 log.debug("%s: closing a socket failed: %r", self.spec.name, exc)
         self._socks = []
+        _LIVE.discard(self)
         if self.pid:
             reaper.unregister(self.pid)
         if self._finalizer is not None:

@@ -35,11 +35,12 @@ from .events import Event
 from .guest import GuestMixin
 from .launch import LaunchMixin
 from .metrics import MetricsMixin
+from .nested import NestedMixin
 from .state import LIVE, RunState, Trigger, require
 from .tracing import TracingMixin
 from .warm import WarmMixin, prune_snapshots, snapshot_path
 
-__all__ = ["AsyncVM", "kvm_probe_vm"]
+__all__ = ["AsyncVM", "kvm_probe_vm", "nested_probe_vm"]
 
 log = get_logger(__name__)
 
@@ -76,7 +77,7 @@ def _check_settings(spec: Optional[MachineSpec], image: Optional[GuestImage], wa
     return spec
 
 
-class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
+class AsyncVM(NestedMixin, GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
     """One QEMU virtual machine, driven over QMP and the guest agent.
 
     ``AsyncVM(spec)`` or ``AsyncVM(memory="256M", cpus=2, ...)``; keyword-only
@@ -100,6 +101,7 @@ class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
         from the hypervisor side with :meth:`resume`.
         """
         reaper.sweep_stale()
+        t0 = time.monotonic()
         self._advance(Trigger.START)
         self._events.arm()
         self._exited = asyncio.Event()
@@ -117,6 +119,8 @@ class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
                     await self._launch(image, paused=paused, incoming=snapshot)
                     await self._finish_restore(paused)
                     self.warm_restored = True
+                    if self.spec.nested and not paused:
+                        await self._prove_nested(t0)
                     return self
                 except VMLabError as exc:
                     # a damaged or stale snapshot: forget it and boot cold
@@ -129,6 +133,8 @@ class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
                 await self.wait_ready()
                 if snapshot is not None:
                     await self._save_warm_or_say_why(snapshot)
+                if self.spec.nested:
+                    await self._prove_nested(t0)
         except BaseException:
             await self._teardown(force=True)
             self._advance(Trigger.START_FAILED)
@@ -186,7 +192,8 @@ class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
             await self.qmp("quit")
         except VMError as exc:      # QEMU may go before it answers: the exit below is what counts
             log.debug("%s: QMP quit: %s", self.spec.name, exc.message)
-        await self._wait_exit(10)
+        if await self._wait_exit(10):
+            await self._close_channels()     # nothing left pending once QEMU is gone (clean interpreter exit)
 
     @require(*_STARTED, doing="kill QEMU")
     async def kill(self) -> None:
@@ -195,7 +202,8 @@ class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
         self._closing = True
         if self._proc and self._proc.poll() is None:
             self._proc.kill()
-        await self._wait_exit(10)
+        if await self._wait_exit(10):
+            await self._close_channels()     # nothing left pending once QEMU is gone (clean interpreter exit)
 
     @require(*_STARTED, doing="wait for QEMU to exit")
     async def wait_exit(self, timeout: float = 60) -> int:
@@ -262,6 +270,11 @@ class AsyncVM(GuestMixin, WarmMixin, TracingMixin, MetricsMixin, LaunchMixin):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+def nested_probe_vm(image: GuestImage, timeout: float) -> AsyncVM:
+    """The nested guest :mod:`vmlab.vm.nested` boots for doctor (under TCG: KVM inside it)."""
+    return AsyncVM(accel="tcg", name="nested-probe", nested=True, image=image, boot_timeout=timeout)
 
 
 def kvm_probe_vm(image: GuestImage, timeout: float) -> AsyncVM:

@@ -17,6 +17,40 @@ from ..tools import qemu_binary
 
 AGENT_PORT = "org.vmlab.agent"
 BASE_KERNEL_ARGS = "console={console} quiet panic=-1 tsc=reliable no_timer_check"
+#: built-in initcalls the lesson guest never needs, skipped (each 20-900 ms under TCG, docs/boot.md):
+#: self-tests of kdf108 and blake2s, kprobe trace events, the kernel's X.509 keys (they check module
+#: signatures, and the image's modules carry none), the "encrypted" key type
+SKIPPED_INITCALLS = ("crypto_kdf108_init", "blake2s_mod_init", "init_kprobe_trace",
+                     "load_system_certificate_list", "init_encrypted")
+#: kernel settings that only make the lesson guest boot faster (docs/boot.md has the measurements):
+#: no crypto self-tests at boot, no patching of every LOCK prefix for one CPU (the kernel and each
+#: module), no zeroing of every allocated page (a hardening the throw-away lesson guest does not
+#: need), kernel memory left writable (rodata=off: no splitting of the kernel's large pages to
+#: protect its text and no W+X walk at boot, 18 % less QEMU CPU to ready in an A/B of 4+4 boots),
+#: the initcalls above skipped. (Not ipv6.disable=1: busybox nc -l listens on IPv6.)
+FAST_KERNEL_ARGS = ("cryptomgr.notests noreplace-smp init_on_alloc=0 rodata=off "
+                    "initcall_blacklist=" + ",".join(SKIPPED_INITCALLS))
+#: on ``pc``, PCI interrupts routed by SeaBIOS's tables (MP table, $PIR) instead of ACPI's
+#: interrupt-link methods, which the AML interpreter runs slowly under TCG (0.13-0.5 s for the first
+#: PCI device). ACPI itself stays (the power button, PCI resources); ``pci=noacpi`` would lose the
+#: legacy IDE ports.
+PC_KERNEL_ARGS = "acpi=noirq"
+#: TCG's translated-code buffer (MiB). QEMU's default (1 GiB, filled as code is translated) lets a
+#: booted guest hold ~50 MiB of it; a small buffer is flushed and refilled instead.
+TCG_TB_MIB = 32
+#: the virtual CPU of a nested guest (spec.nested) under TCG: qemu64 with AMD-V and nested paging,
+#: emulated by TCG; under KVM the host's CPU is passed through ("host": nested virtualization)
+TCG_NESTED_CPU = "qemu64,+svm,+npt"
+
+
+def nested_cpu_model(accel: str) -> str:
+    """``-cpu`` of a nested guest that names no ``cpu_model``."""
+    return "host" if accel == "kvm" else TCG_NESTED_CPU
+
+
+def accel_args(accel: str) -> List[str]:
+    """``-accel`` for the resolved accelerator (TCG with a bounded code buffer)."""
+    return ["-accel", f"tcg,tb-size={TCG_TB_MIB}" if accel == "tcg" else accel]
 
 
 @dataclass
@@ -33,7 +67,9 @@ class Launch:
 def kernel_cmdline(spec: MachineSpec) -> str:
     """The guest kernel's command line for *spec*: console, the modules /init loads, extras."""
     console = "hvc0" if spec.console == "virtio" else "ttyS0"
-    words = [BASE_KERNEL_ARGS.format(console=console)]
+    words = [BASE_KERNEL_ARGS.format(console=console), FAST_KERNEL_ARGS]
+    if spec.machine == "pc":
+        words.append(PC_KERNEL_ARGS)
     mods = list(spec.modules)
     for d in spec.disks:
         mods += {"virtio": ["virtio_blk"], "ide": ["ata_piix", "sd_mod"], "ahci": ["ahci", "sd_mod"],
@@ -49,6 +85,8 @@ def kernel_cmdline(spec: MachineSpec) -> str:
             seen.append(m)
     if seen:
         words.append("vmlab.modules=" + ",".join(seen))
+    if spec.nested:
+        words.append("vmlab.nested=1")      # /init loads kvm_amd or kvm_intel
     if spec.kernel_args.strip():
         words.append(spec.kernel_args.strip())
     return " ".join(words)
@@ -65,7 +103,7 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
                     "-name", f"vmlab-{spec.name},debug-threads=on",
                     "-nodefaults", "-no-user-config", "-display", "none",
                     "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-                    "-machine", f"{spec.machine},accel={accel}",
+                    "-machine", spec.machine, *accel_args(accel),
                     "-m", str(spec.memory_mb), "-smp", str(spec.cpus),
                     "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
                     "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
@@ -75,6 +113,8 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
                     "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}"]
     if spec.cpu_model:
         a += ["-cpu", spec.cpu_model]
+    elif spec.nested:
+        a += ["-cpu", nested_cpu_model(accel)]
     if spec.console == "virtio":
         a += ["-device", "virtconsole,bus=vser0.0,chardev=con0"]
     else:

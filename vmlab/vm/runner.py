@@ -14,7 +14,7 @@ import concurrent.futures
 import threading
 from typing import Any, Coroutine, Optional, TypeVar
 
-__all__ = ["block_on", "get_loop", "in_loop_thread"]
+__all__ = ["block_on", "get_loop", "in_loop_thread", "running_loop"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,12 @@ def get_loop() -> asyncio.AbstractEventLoop:
             ready.wait()
             _loop = loop
         return _loop
+
+
+def running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    """The private loop if its thread runs (never starts one): for clean-up at interpreter exit."""
+    with _lock:
+        return _loop if _thread is not None and _thread.is_alive() and _loop is not None else None
 
 
 def in_loop_thread() -> bool:

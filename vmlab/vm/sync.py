@@ -24,12 +24,13 @@ from ..image import GuestImage
 from ..spec import MachineSpec
 from .accel import KvmVerdict, probe_kvm
 from .events import Event
-from .machine import AsyncVM, kvm_probe_vm
+from .machine import AsyncVM, kvm_probe_vm, nested_probe_vm
+from .nested import NestedKvm, NestedVerdict, probe_nested
 from .qemu import Launch
 from .runner import block_on
 from .state import RunState
 
-__all__ = ["VM", "kvm_verdict", "require_kvm"]
+__all__ = ["VM", "kvm_verdict", "nested_verdict", "require_kvm"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -107,6 +108,7 @@ class VM:
     warm_snapshot: _Shown[Optional[Path]] = _Shown()
     boot_timeout: _Shown[Optional[float]] = _Shown()
     keep_dir: _Shown[bool] = _Shown()
+    nested_kvm: _Shown[Optional[NestedKvm]] = _Shown()
 
     # not coroutines: called as they are
     def console_text(self, tail: Optional[int] = None) -> str:
@@ -176,6 +178,11 @@ class VM:
 def kvm_verdict(use_cache: bool = True) -> KvmVerdict:
     """Whether KVM boots lesson guests here (proven by booting one; remembered per host)."""
     return block_on(probe_kvm(kvm_probe_vm, use_cache=use_cache))
+
+
+def nested_verdict(use_cache: bool = True) -> NestedVerdict:
+    """Whether KVM works inside a nested guest under TCG here (proven by booting one; remembered)."""
+    return block_on(probe_nested(nested_probe_vm, use_cache=use_cache))
 
 
 def require_kvm() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
+from .. import procfs
 from ..config import cache_subdir
 from ..errors import VMError, VMTimeout
 from ..image import GuestImage
@@ -96,6 +97,7 @@ class WarmMixin(VMCore):
             await asyncio.sleep(0.005)
         if st["status"] not in ("running", "paused", "prelaunch"):
             raise VMError(f"restoring the warm snapshot ended in state {st['status']!r}", **self._err_kw())
+        self._record_event("RESTORED", {"status": st["status"]}, source="vmlab")
         assert self._agent is not None
         kernel_version = self._image.kernel_version if self._image is not None else None
         if paused:
@@ -110,4 +112,6 @@ class WarmMixin(VMCore):
         self._agent.mark_reconnected()
         self._agent.kernel_release = self._agent.kernel_release or kernel_version
         self.boot_seconds = time.monotonic() - self._events.t0
-        self._record_event("READY", {"kernel": self._agent.kernel_release, "warm": True}, source="agent")
+        cpu = procfs.process_cpu_seconds(self.pid) if self.pid else None
+        self._record_event("READY", {"kernel": self._agent.kernel_release, "warm": True, "qemu_cpu_s": cpu},
+                           source="agent")

@@ -1,6 +1,7 @@
 """Jupyter widgets for the lessons, one module each:
 
 predict        predict-then-measure exercises (Prediction, Solution, Check)
+answers        the lessons' solutions and checks, kept out of the notebooks' source
 control_panel  the VM control panel (ControlPanel)
 devices        a device contrast run live (contrast_widget)
 cpu            one nanobenchmark, native vs guest (CompareWidget)

@@ -21,6 +21,7 @@ from ..experiments.balloon import plot, sample, set_balloon, touch
 from ..guestinfo import where_vm
 from ..plots import figure
 from ..vm import VM
+from .errors import failed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,10 +43,18 @@ class BalloonWidget:
                                   layout=W.Layout(width="420px"))
         self.touch_mb = W.BoundedIntText(value=touch_mb or mem // 2, min=1, max=mem, description="touch MiB",
                                          layout=W.Layout(width="180px"))
-        self.touch_button = W.Button(description="guest touches memory", icon="hand-pointer-o")
-        self.sample_button = W.Button(description="sample now", icon="refresh")
+        self.touch_button = W.Button(description="guest touches memory", icon="hand-pointer-o",
+                                     layout=W.Layout(width="auto"))
+        self.sample_button = W.Button(description="sample now", icon="refresh", layout=W.Layout(width="auto"))
+        self.slider.add_class("vmlab-balloon-slider")
+        self.touch_button.add_class("vmlab-balloon-touch")
+        self.sample_button.add_class("vmlab-balloon-sample")
         self.status = W.HTML()
-        self.plot_out = W.Output()
+        self.status.add_class("vmlab-balloon-status")
+        # a PNG in an Image widget, not an Output: the slider's callback and the balloon's samples may come
+        # from another thread, where an Output's capture does not reach the page (the plot vanished)
+        self.plot_img = W.Image(format="png", layout=W.Layout(width="800px"))
+        self.plot_img.add_class("vmlab-balloon-plot")
         self.log = W.Output(layout=W.Layout(max_height="160px", overflow="auto"))
         self._updating = False
         self.slider.observe(self._on_slider, names="value")
@@ -53,7 +62,8 @@ class BalloonWidget:
         self.sample_button.on_click(lambda _b: self._safe(self.sample))
         self.widget = W.VBox([W.HBox([self.slider, self.sample_button]),
                               W.HBox([self.touch_mb, self.touch_button]),
-                              self.status, self.plot_out, self.log])
+                              self.status, self.plot_img, self.log])
+        self.widget.add_class("vmlab-balloon")
         self._redraw()
 
     # ---------------------------------------------------------------- actions
@@ -65,6 +75,7 @@ class BalloonWidget:
                 print(f"error: {exc}")
                 traceback.print_exc(limit=2)
             self.status.value = f"<b style='color:#D55E00'>error:</b> {exc}"
+            failed(getattr(fn, "__name__", "balloon"), exc)      # logged; raised when VMLAB_STRICT=1
             return None
 
     def _add(self, s: Dict[str, Any], phase: str) -> None:
@@ -110,18 +121,21 @@ class BalloonWidget:
         return df
 
     def _redraw(self) -> None:
+        import io
+
         import matplotlib.pyplot as plt
-        from IPython.display import clear_output, display
         last = self.samples[-1]
         self.status.value = (f"guest MemTotal <b>{last['guest_total_mb']:.0f} MiB</b>, "
                              f"MemAvailable {last['guest_available_mb']:.0f} MiB; "
                              f"balloon actual {last['balloon_actual_mb']:.0f} MiB; "
                              f"host: QEMU RSS <b>{last['qemu_rss_mb']:.0f} MiB</b>")
-        with self.plot_out:
-            clear_output(wait=True)
-            fig, ax = figure(figsize=(8, 3.6))
+        fig, ax = figure(figsize=(8, 3.6))
+        try:
             plot(self.frame(), ax=ax)
-            display(fig)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+            self.plot_img.value = buf.getvalue()
+        finally:
             plt.close(fig)
 
     def _ipython_display_(self) -> None:

@@ -35,6 +35,7 @@ import ipywidgets as W
 from ..errors import SpecError, StateError, VMTimeout
 from ..spec import MachineSpec
 from ..vm import VM, RunState
+from .errors import failed
 
 if TYPE_CHECKING:
     from ..image import GuestImage
@@ -54,7 +55,8 @@ ALLOWED: Dict[RunState, set] = {
     RunState.CREATED: {"start"},
     RunState.STARTING: {"kill"},
     RunState.RUNNING: {"pause", "power", "reset", "quit", "kill"},
-    RunState.PAUSED: {"resume", "power", "reset", "quit", "kill"},
+    # not the power button: a paused guest cannot answer it (QEMU would only queue the ACPI event)
+    RunState.PAUSED: {"resume", "reset", "quit", "kill"},
     RunState.SHUTTING_DOWN: {"quit", "kill"},
     RunState.OFF: {"start"},
     RunState.FAILED: {"start"},
@@ -202,6 +204,9 @@ class ControlPanel:
                 bits.append(f"booted in {vm.boot_seconds:.2f} s")
             if vm.exit_code is not None:
                 bits.append(f"QEMU exit status {vm.exit_code}")
+            if self.state is RunState.PAUSED and not self._busy:
+                bits.append("<span class='vmlab-hint'>the vCPUs are stopped: press <b>Resume</b> before the "
+                            "power button (a paused guest cannot answer it)</span>")
             self.state_label.value = (f"<span class='vmlab-state-text' data-state='{html.escape(st)}'>"
                                       f"VM <code>{html.escape(vm.spec.name)}</code>: " + " &middot; ".join(bits)
                                       + "</span>")
@@ -243,7 +248,9 @@ class ControlPanel:
         span = max(max(e["t"] for e in win) - t0, 1e-3)
         lanes = {"vmlab": 30, "qemu": 60, "agent": 90}
         x = lambda t: 60 + (width - 80) * ((max(t - t0, 0.0) / span) ** 0.5)  # noqa: E731
-        parts = [f"<svg width='{width}' height='{height}' role='img' aria-label='event timeline'>"]
+        # scales with its box instead of being cut by it; labels anchored so they stay inside
+        parts = [f"<svg viewBox='0 0 {width} {height}' width='100%' style='max-width:{width}px' "
+                 f"role='img' aria-label='event timeline'>"]
         for src, y in lanes.items():
             parts.append(f"<text x='2' y='{y + 3}' font-size='9' fill='#555'>{src}</text>"
                          f"<line x1='55' y1='{y}' x2='{width - 10}' y2='{y}' stroke='#ddd'/>")
@@ -251,10 +258,13 @@ class ControlPanel:
             c = EVENT_COLORS.get(e["event"], "#333")
             xx, y = x(e["t"]), lanes.get(str(e["source"]), 60)
             dy = (-7, 13)[i % 2]
-            parts.append(f"<circle cx='{xx:.1f}' cy='{y}' r='4' fill='{c}'><title>{html.escape(e['event'])} "
+            label = e["event"]
+            half = 3.0 * len(label)                       # about half the label's width at font-size 8
+            anchor = "end" if xx + half > width - 2 else ("start" if xx - half < 55 else "middle")
+            parts.append(f"<circle cx='{xx:.1f}' cy='{y}' r='4' fill='{c}'><title>{html.escape(label)} "
                          f"at +{e['t'] - t0:.3f} s</title></circle>"
-                         f"<text x='{xx:.1f}' y='{y + dy}' font-size='8' text-anchor='middle' fill='{c}'>"
-                         f"{html.escape(e['event'][:9])}</text>")
+                         f"<text x='{xx:.1f}' y='{y + dy}' font-size='8' text-anchor='{anchor}' fill='{c}'>"
+                         f"{html.escape(label)}</text>")
         parts.append(f"<text x='{width - 10}' y='{height - 2}' font-size='8' text-anchor='end'>"
                      f"{span:.3f} s after {html.escape(win[0]['event'])} (square-root scale)</text></svg>")
         return "<b>Timeline</b> (since the last action)<br>" + "".join(parts)
@@ -267,6 +277,7 @@ class ControlPanel:
         self.errors.append_stderr(f"[{time.strftime('%H:%M:%S')}] {self.error_text}\n")
         if not hasattr(exc, "message"):      # not a vmlab error: a bug worth the traceback
             self.errors.append_stderr("".join(traceback.format_exception(exc))[-2000:])
+        failed(doing, exc)                   # logged; raised when VMLAB_STRICT=1 (vmlab.widgets.errors)
 
     def clear_errors(self) -> None:
         self.error_text = ""
@@ -320,7 +331,12 @@ class ControlPanel:
         self._guard("resume", lambda: self.vm.resume(wait=False))
 
     def on_power(self) -> None:
-        self._guard("power button", self.vm.powerdown)
+        def press() -> None:
+            if self.state is RunState.PAUSED:
+                raise StateError("the guest is paused, so it cannot answer the power button",
+                                 fix="press Resume first, then the power button")
+            self.vm.powerdown()
+        self._guard("power button", press)
 
     def on_reset(self) -> None:
         self._guard("reset", self.vm.reset)

@@ -17,6 +17,7 @@ from ..experiments.cpu import BENCHMARKS, DESCRIPTIONS, PAPER_NAME, run_guest, r
 from ..guestinfo import accel_of
 from ..plots import color_for, figure, style
 from ..vm import VM
+from .errors import failed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,7 +39,8 @@ class CompareWidget:
                                       continuous_update=False)
         self.repeats = W.IntSlider(value=repeats, min=1, max=15, description="repeats", continuous_update=False)
         self.button = W.Button(description="run natively and in the guest", icon="play",
-                               layout=W.Layout(width="260px"))
+                               layout=W.Layout(width="auto"))
+        self.button.add_class("vmlab-cpu-run")
         self.what = W.HTML()
         self.out = W.Output()
         self.err = W.Output()
@@ -61,6 +63,7 @@ class CompareWidget:
         except Exception as exc:            # shown, never lost in a callback
             with self.err:
                 print(f"error: {exc}")
+            failed("run natively and in the guest", exc)      # logged; raised when VMLAB_STRICT=1
 
     def run_once(self, benchmark: Optional[str] = None) -> pd.DataFrame:
         import matplotlib.pyplot as plt
@@ -97,8 +100,7 @@ class CompareWidget:
                   xlabel="ns per operation (median; bars = min..max)",
                   source=f"native on this host; guest under {accel_of(self.vm).upper()}, "
                          f"QEMU {where_native()['qemu']}, guest kernel {self.vm.kernel_release}")
-            fig.tight_layout()
-            display(fig)
+            display(fig)                       # plots.figure lays itself out (constrained)
             plt.close(fig)
         return df
 

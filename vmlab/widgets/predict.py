@@ -11,6 +11,14 @@
     Solution("The boot is dominated by ...")          # a button reveals it
     Check([("Which is paravirtual?", ["IDE", "virtio-blk"], 1, "virtio-blk knows it is virtual.")])
 
+    Solution.lesson("01.00", "rss")     # in a lesson: the text lives in vmlab/widgets/answers.py,
+    Check.lesson("01.00")               # not in the cell the learner reads
+
+The feedback has one place: the prediction's widget. ``p.measured(x)`` returns it as text (a ``Feedback``,
+a ``str``) and, as a cell's last expression, shows it only when the widget was never displayed, so Run All
+shows each feedback once. A solution's text is not in the page (nor in the saved widget state) until the
+learner presses the button; a check's answers and explanations only after "Check answers".
+
 Everything works headless too (rendered lessons, tests): ``p.record(3)`` sets a prediction from code,
 ``p.feedback_text`` / ``check.score`` hold the results, and a missing prediction is said, not invented.
 ``measure=`` may be a value or a callable that returns the measured value (run by the "Measure" button or
@@ -22,8 +30,14 @@ from __future__ import annotations
 
 import html
 import math
+import random
 import traceback
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+import zlib
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from .. import predictions_store
+from . import answers
+from .errors import failed
 
 Number = Union[int, float]
 
@@ -72,6 +86,32 @@ def ratio_feedback(predicted: Optional[float], measured: Optional[float], unit: 
     else:
         verdict = f"about {10 ** round(math.log10(factor)):,}x too {direction} (an order of magnitude or more)"
     return f"Measured {_fmt(measured, unit)}; you predicted {_fmt(predicted, unit)}: {verdict}."
+
+
+class Feedback(str):
+    """Feedback text. Displayed as a cell's result it shows (as HTML, not a quoted string) only when its
+    prediction's widget is not on the page, where the same feedback already is."""
+
+    prediction: Optional[Prediction] = None
+
+    @property
+    def shown_in_widget(self) -> bool:
+        return self.prediction is not None and self.prediction._widget is not None
+
+    def _ipython_display_(self) -> None:
+        if self.shown_in_widget:
+            return
+        from IPython.display import display
+        display({"text/html": f"<div class='vmlab-predict-feedback'><b>{html.escape(str(self))}</b></div>",
+                 "text/plain": str(self)}, raw=True)
+
+
+def _button(W: Any, description: str, icon: str, css: str, **kw: Any) -> Any:
+    """A button whose label is never cut off (its width follows its text)."""
+    b = W.Button(description=description, icon=icon, tooltip=description,
+                 layout=W.Layout(width="auto", align_self="flex-start"), **kw)   # not stretched across a VBox
+    b.add_class(css)
+    return b
 
 
 def _in_kernel() -> bool:
@@ -126,13 +166,15 @@ class Prediction:
             if not math.isfinite(value):
                 raise ValueError(f"a prediction must be a finite number, not {value!r}")
         self.prediction = value
+        predictions_store.save(self.question, self.unit, self.prediction, self.measurement)  # on a hub only
         if self._widget is not None:
             self._status.value = self._recorded_text()
         return self
 
-    def measured(self, value: Optional[Number]) -> str:
-        """Give the measurement; returns (and shows) the feedback."""
+    def measured(self, value: Optional[Number]) -> Feedback:
+        """Give the measurement; returns the feedback (and shows it in the widget)."""
         self.measurement = None if value is None else float(value)
+        predictions_store.save(self.question, self.unit, self.prediction, self.measurement)  # on a hub only
         if self._feedback is not None:
             text = str(self._feedback(self.prediction, self.measurement))
         else:
@@ -140,9 +182,11 @@ class Prediction:
         self.feedback_text = text
         if self._widget is not None:
             self._out.value = f"<b>{html.escape(text)}</b>"
-        return text
+        fb = Feedback(text)
+        fb.prediction = self
+        return fb
 
-    def measure(self) -> str:
+    def measure(self) -> Feedback:
         """Run ``measure`` (value or callable) and give feedback."""
         if self._measure is None:
             raise ValueError("this Prediction has no measure=; call .measured(value) with your measurement")
@@ -171,25 +215,25 @@ class Prediction:
     def _build(self):
         import ipywidgets as W
         q = W.HTML(f"<b>Predict:</b> {html.escape(self.question)}")
+        wide = {"description_width": "initial"}      # the unit is the description: never cut it off
         if self.low is not None and self.high is not None:
             if self.log:
                 lo, hi = math.log10(self.low), math.log10(self.high)
                 start = math.log10(self._initial) if self._initial else (lo + hi) / 2
                 self._input = W.FloatLogSlider(value=10 ** start, base=10, min=lo, max=hi, step=0.05,
                                                description=self.unit or "value", readout_format=".3g",
-                                               continuous_update=False)
+                                               continuous_update=False, style=wide)
             else:
                 start = self._initial if self._initial is not None else (self.low + self.high) / 2
                 self._input = W.FloatSlider(value=start, min=self.low, max=self.high,
                                             step=(self.high - self.low) / 200,
                                             description=self.unit or "value", readout_format=".3g",
-                                            continuous_update=False)
+                                            continuous_update=False, style=wide)
         else:
             self._input = W.Text(placeholder=f"your guess ({self.unit})" if self.unit else "your guess",
-                                 description="guess")
+                                 description="guess", style=wide)
         self._input.add_class("vmlab-predict-input")
-        rec = W.Button(description="Record prediction", icon="pencil")
-        rec.add_class("vmlab-predict-record")
+        rec = _button(W, "Record prediction", "pencil", "vmlab-predict-record")
         self._status = W.HTML(self._recorded_text())
         self._out = W.HTML("")
         self._out.add_class("vmlab-predict-feedback")
@@ -197,8 +241,7 @@ class Prediction:
         rec.on_click(lambda _b: self._on_record())
         buttons = [rec]
         if self._measure is not None:
-            mb = W.Button(description="Measure", icon="play")
-            mb.add_class("vmlab-predict-measure")
+            mb = _button(W, "Measure", "play", "vmlab-predict-measure")
             mb.on_click(lambda _b: self._on_measure(mb))
             buttons.append(mb)
         box = W.VBox([q, W.HBox([self._input, *buttons]), self._status, self._out, self._err])
@@ -224,8 +267,9 @@ class Prediction:
                 self._err.clear_output()
                 try:
                     self.measure()
-                except Exception:   # a widget callback must never die silently
+                except Exception as exc:   # a widget callback must never die silently
                     traceback.print_exc()
+                    failed("measure", exc)      # logged; raised when VMLAB_STRICT=1
         finally:
             button.disabled = False
 
@@ -239,7 +283,11 @@ class Prediction:
 
 
 class Solution:
-    """A worked solution, hidden until the learner presses the button."""
+    """A worked solution, hidden until the learner presses the button.
+
+    In a lesson use ``Solution.lesson("01.00", "rss")``: the text comes from vmlab/widgets/answers.py, so the
+    cell the learner reads does not give it away. Its text reaches the page only when revealed.
+    """
 
     def __init__(self, markdown: str, label: str = "Show solution") -> None:
         self.markdown = markdown
@@ -247,9 +295,15 @@ class Solution:
         self.revealed = False
         self._widget: Any = None
 
+    @classmethod
+    def lesson(cls, lesson: str, key: str, label: str = "Show solution") -> Solution:
+        """The worked solution ``key`` of ``lesson`` ("01.00"), from vmlab/widgets/answers.py."""
+        return cls(answers.solution(lesson, key), label=label)
+
     def reveal(self) -> None:
         self.revealed = True
         if self._widget is not None:
+            self._body.value = self.html
             self._body.layout.display = None
             self._button.description = "Hide solution"
 
@@ -279,9 +333,8 @@ class Solution:
     def widget(self):
         if self._widget is None:
             import ipywidgets as W
-            self._button = W.Button(description=self.label, icon="eye")
-            self._button.add_class("vmlab-solution-button")
-            self._body = W.HTML(self.html, layout=W.Layout(display="none"))
+            self._button = _button(W, self.label, "eye", "vmlab-solution-button")
+            self._body = W.HTML("", layout=W.Layout(display="none"))     # filled in by reveal()
             self._body.add_class("vmlab-solution")
             self._button.on_click(lambda _b: self.toggle())
             self._widget = W.VBox([self._button, self._body])
@@ -292,11 +345,16 @@ class Solution:
         display(self.widget)
 
 
-QuestionT = Tuple[str, Sequence[str], int, str]
+QuestionT = answers.QuestionT
 
 
 class Check:
     """A short multiple-choice check: ``Check([(question, choices, answer_index, explanation), ...])``."""
+
+    @classmethod
+    def lesson(cls, lesson: str, title: str = "Check your understanding") -> Check:
+        """The end-of-lesson check of ``lesson`` ("01.00"), from vmlab/widgets/answers.py."""
+        return cls(answers.check(lesson), title=title)
 
     def __init__(self, questions: Sequence[QuestionT], title: str = "Check your understanding") -> None:
         qs: List[QuestionT] = []
@@ -348,12 +406,13 @@ class Check:
             self._radios = []
             parts = [W.HTML(f"<h4>{html.escape(self.title)}</h4>")]
             for n, (q, choices, _a, _w) in enumerate(self.questions, 1):
-                r = W.RadioButtons(options=[(c, i) for i, c in enumerate(choices)], value=None,
+                order = list(range(len(choices)))     # a fixed shuffle: the answer is not always in one place
+                random.Random(zlib.crc32(q.encode())).shuffle(order)
+                r = W.RadioButtons(options=[(choices[i], i) for i in order], value=None,
                                    layout=W.Layout(width="auto"))
                 self._radios.append(r)
                 parts += [W.HTML(f"<b>{n}.</b> {html.escape(q)}"), r]
-            b = W.Button(description="Check answers", icon="check")
-            b.add_class("vmlab-check-button")
+            b = _button(W, "Check answers", "check", "vmlab-check-button")
             self._out = W.HTML("")
             self._out.add_class("vmlab-check-result")
             b.on_click(lambda _b: self.answer([r.value for r in self._radios]))

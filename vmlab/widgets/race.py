@@ -16,6 +16,7 @@ from .. import devices, plots
 from ..errors import SpecError
 from ..guestinfo import where_vm
 from ..vm import VM
+from .errors import failed
 
 
 class DeviceRace:
@@ -79,6 +80,7 @@ class DeviceRace:
                 ready.abort()
             except Exception:
                 pass
+            failed(f"race {name}", exc)      # logged; raised when VMLAB_STRICT=1
         finally:
             if vm is not None:
                 try:
@@ -141,20 +143,20 @@ class DeviceRace:
         fig = Figure(figsize=(8, 3.6), dpi=100)
         ax = fig.add_subplot(1, 1, 1)
         rates = self.rates()
-        for i, r in enumerate(self.racers):
+        colors = plots.device_colors([r["name"] for r in self.racers], {r["name"]: r["kind"] for r in self.racers})
+        for r in self.racers:
             pts = self.data.get(r["name"]) or [(0.0, 0.0)]
             label = f"{r['title']} ({r['kind']})" + (f": {rates[r['name']]:.1f} MB/s" if r["name"] in rates else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=2.5, label=label,
-                    color=plots.color_for(r["kind"], i))
+                    color=colors[r["name"]])
         ax.set_xlim(0, self.seconds)
         ax.set_ylim(bottom=0)
         ax.legend(loc="upper left", frameon=False)
         src = plots.where_label(self.frame()) if any(self.data.values()) else ""
         plots.style(ax, title="Device race: data read from the virtual disk", xlabel="time since the start (s)",
                     ylabel="data read (MB)", source=src)
-        fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight")     # the source note under the axis included
         return buf.getvalue()
 
     # ----------------------------------------------------------- widget
@@ -178,14 +180,17 @@ class DeviceRace:
             self._go.disabled = self.running
         except Exception as exc:  # a redraw must not kill the watcher
             self.errors.append(f"redraw: {exc}")
+            failed("redraw", exc)      # logged; raised when VMLAB_STRICT=1
 
     @property
     def widget(self):
         if self._widget is None:
             import ipywidgets as W
-            self._go = W.Button(description="Start the race", icon="flag-checkered", button_style="success")
+            self._go = W.Button(description="Start the race", icon="flag-checkered", button_style="success",
+                                layout=W.Layout(width="auto"))
             self._go.add_class("vmlab-race-start")
-            halt = W.Button(description="Stop", icon="stop")
+            halt = W.Button(description="Stop", icon="stop", layout=W.Layout(width="auto"))
+            halt.add_class("vmlab-race-stop")
             self._go.on_click(lambda _b: self._safe(self.start))
             halt.on_click(lambda _b: self._safe(self.stop))
             self._status = W.HTML("<b>ready</b>")
@@ -195,6 +200,7 @@ class DeviceRace:
             self._err = W.HTML("")
             self._err.add_class("vmlab-error")
             self._widget = W.VBox([W.HBox([self._go, halt, self._status]), self._image, self._err])
+            self._widget.add_class("vmlab-race")
             self._image.value = self.figure_png()
         return self._widget
 
@@ -204,6 +210,7 @@ class DeviceRace:
         except Exception as exc:
             self.errors.append(str(exc))
             self._redraw()
+            failed(getattr(fn, "__name__", "race"), exc)      # logged; raised when VMLAB_STRICT=1
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

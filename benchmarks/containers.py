@@ -13,27 +13,19 @@ repeats, same run: the same kernel does the work); ``container_overhead_mib`` (R
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import experiment_cli_runs  # noqa: E402
+
 
 def cli_runs(repeats: int) -> List[Dict[str, Any]]:
-    runs = []
-    for _ in range(repeats):
-        t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "vmlab", "experiment", "containers", "--quick", "--json"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            raise RuntimeError(f"`vmlab experiment containers --quick` failed: {p.stderr[-800:]}")
-        runs.append({"seconds": time.monotonic() - t0, "rows": json.loads(p.stdout)})
-    return runs
+    """Each run: its wall time and rows."""
+    return experiment_cli_runs("containers", repeats)
 
 
 def measure(quick: bool = False) -> Dict[str, Any]:

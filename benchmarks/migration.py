@@ -16,28 +16,19 @@ over idle pre-copy's at the same bandwidth, same run). Targets: benchmarks/targe
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import experiment_cli_runs  # noqa: E402
+
 
 def cli_runs(repeats: int) -> List[Dict[str, Any]]:
     """Each run: its wall time and rows."""
-    runs = []
-    for _ in range(repeats):
-        t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "vmlab", "experiment", "migration", "--quick", "--json"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            raise RuntimeError(f"`vmlab experiment migration --quick` failed: {p.stderr[-800:]}")
-        runs.append({"seconds": time.monotonic() - t0, "rows": json.loads(p.stdout)})
-    return runs
+    return experiment_cli_runs("migration", repeats)
 
 
 def _frac(rows: List[Dict[str, Any]], key: str) -> float:

@@ -36,8 +36,9 @@ LESSONS = sorted(p for p in NB_DIR.rglob("*.ipynb") if ".ipynb_checkpoints" not 
 
 def widget_state(w) -> str:
     """Everything the front end receives for widget ``w`` and its children, as JSON text."""
-    from ipywidgets.embed import embed_data
-    return json.dumps(embed_data(views=[w])["manager_state"])
+    from ipywidgets.embed import dependency_state
+    # only w and what it references: other tests' closed widgets stay in ipywidgets' global registry
+    return json.dumps(dependency_state([w], drop_defaults=True))
 
 
 # ------------------------------------------------------------- device widget

@@ -30,11 +30,12 @@ from ..image import GuestImage
 from ..log import get_logger
 from ..spec import Disk, parse_size
 from ..tools import qemu_img
-from . import reaper, runner
 from .agent import AgentClient
 from .console import user_only
 from .core import VMCore
 from .qemu import build_launch, launch_fix
+from .reaper import claim_dir, finalizer, pdeathsig_preexec, pdeathsig_prefix, register, unregister
+from .runner import running_loop
 from .state import Trigger
 
 __all__ = ["LaunchMixin"]
@@ -48,7 +49,7 @@ _atexit_registered = False
 
 
 def _close_all_at_exit() -> None:
-    loop = runner.running_loop()
+    loop = running_loop()
     vms = [vm for vm in list(_LIVE) if getattr(vm, "_loop", None) is loop]
     if loop is None or not vms:
         return
@@ -68,7 +69,7 @@ class LaunchMixin(VMCore):
         loop = asyncio.get_running_loop()
         self.private_dir = Path(tempfile.mkdtemp(prefix=f"vmlab-{self.spec.name}-", dir=private_root()))
         os.chmod(self.private_dir, 0o700)
-        reaper.claim_dir(self.private_dir)
+        claim_dir(self.private_dir)
         disk_paths = [self._prepare_disk(i, d) for i, d in enumerate(self.spec.disks)]
         qmp_host, qmp_qemu = socket.socketpair()
         agent_host, agent_qemu = socket.socketpair()
@@ -101,9 +102,9 @@ class LaunchMixin(VMCore):
             self._events.t0 = time.monotonic()
             try:
                 self._proc = subprocess.Popen(
-                    reaper.pdeathsig_prefix() + self.launch.argv, pass_fds=self.launch.pass_fds,
+                    pdeathsig_prefix() + self.launch.argv, pass_fds=self.launch.pass_fds,
                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
-                    preexec_fn=reaper.pdeathsig_preexec())
+                    preexec_fn=pdeathsig_preexec())
             except OSError as exc:
                 raise LaunchError(f"cannot execute QEMU: {exc}", fix="check VMLAB_QEMU / install qemu-system-x86",
                                   **self._err_kw()) from exc
@@ -115,9 +116,9 @@ class LaunchMixin(VMCore):
             if incoming_file:
                 incoming_file.close()
         self.pid = self._proc.pid
-        reaper.register(self.pid, None if self.keep_dir else self.private_dir)
+        register(self.pid, None if self.keep_dir else self.private_dir)
         self._remember_live(loop)
-        self._finalizer = reaper.finalizer(self, self.pid, None if self.keep_dir else self.private_dir)
+        self._finalizer = finalizer(self, self.pid, None if self.keep_dir else self.private_dir)
         pidfd = os.pidfd_open(self.pid)
         loop.add_reader(pidfd, self._on_exit, pidfd)
         # console and agent readers
@@ -179,7 +180,7 @@ class LaunchMixin(VMCore):
                 code = -1
         self.exit_code = code
         if self.pid:
-            reaper.unregister(self.pid)
+            unregister(self.pid)
         self._tasks.append(loop.create_task(self._finish_exit(code), name="vmlab-exit"))
 
     async def _finish_exit(self, code: Optional[int]) -> None:
@@ -279,7 +280,7 @@ class LaunchMixin(VMCore):
         self._socks = []
         _LIVE.discard(self)
         if self.pid:
-            reaper.unregister(self.pid)
+            unregister(self.pid)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None

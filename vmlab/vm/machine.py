@@ -27,7 +27,6 @@ from ..errors import SpecError, VMError, VMLabError, VMTimeout
 from ..image import GuestImage, ensure_image
 from ..log import get_logger
 from ..spec import MachineSpec
-from . import reaper
 from .accel import resolve_accel
 from .console import Pattern
 from .core import check_timeout
@@ -36,6 +35,7 @@ from .guest import GuestMixin
 from .launch import LaunchMixin
 from .metrics import MetricsMixin
 from .nested import NestedMixin
+from .reaper import sweep_stale
 from .state import LIVE, RunState, Trigger, require
 from .tracing import TracingMixin
 from .warm import WarmMixin, prune_snapshots, snapshot_path
@@ -100,7 +100,7 @@ class AsyncVM(NestedMixin, GuestMixin, WarmMixin, TracingMixin, MetricsMixin, La
         With ``paused=True`` the vCPUs stay stopped (QEMU's ``-S``): boot it
         from the hypervisor side with :meth:`resume`.
         """
-        reaper.sweep_stale()
+        sweep_stale()
         t0 = time.monotonic()
         self._advance(Trigger.START)
         self._events.arm()

@@ -21,11 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
-
-import tomllib
 
 HERE = Path(__file__).resolve().parent
 TARGETS_FILE = HERE / "targets.toml"

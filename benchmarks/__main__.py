@@ -77,7 +77,7 @@ def run(names: List[str], quick: bool, targets: List[Target], out_dir: Path = OU
     by_bench: Dict[str, List[Target]] = {}
     for t in targets:
         by_bench.setdefault(t.bench, []).append(t)
-    report: Dict[str, Any] = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    report: Dict[str, Any] = {"started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                               "quick": quick, "targets_file": str(TARGETS_FILE.relative_to(ROOT)),
                               "load_avg_before": os.getloadavg(), "benchmarks": {}, "targets": []}
     infos: Dict[str, Dict[str, Any]] = {}
@@ -115,7 +115,7 @@ def run(names: List[str], quick: bool, targets: List[Target], out_dir: Path = OU
     bad = failed(rows)
     report["failed"] = [r["target"] for r in bad]
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     path = out_dir / f"bench-{stamp}.json"
     text = json.dumps(report, indent=1, default=str)
     path.write_text(text)

@@ -137,9 +137,9 @@ def test_check_answers_reach_the_page_only_when_checked():
 
 
 def test_unknown_lesson_answers_say_where_to_add_them():
-    with pytest.raises(SpecError, match=r"answers\.py"):
+    with pytest.raises(SpecError, match=r"answers/09\.99\.toml"):
         Solution.lesson("09.99", "nope")
-    with pytest.raises(SpecError, match=r"answers\.py"):
+    with pytest.raises(SpecError, match=r"answers/09\.99\.toml"):
         Check.lesson("09.99")
 
 
@@ -149,11 +149,10 @@ def test_no_solution_or_answer_in_a_notebooks_source(path):
     src = "\n".join(c.source for c in nb.cells)
     assert not re.search(r"\bSolution\(\s*['\"]", src), "a Solution's text is in the cell: use Solution.lesson()"
     assert not re.search(r"\bCheck\(\s*\[", src), "a Check's answers are in the cell: use Check.lesson()"
-    for texts in answers.SOLUTIONS.values():
-        for text in texts.values():
+    for lesson in answers.lessons():
+        for text in answers.solutions(lesson).values():
             assert text[:50] not in src
-    for qs in answers.CHECKS.values():
-        for _q, _c, _r, why in qs:
+        for _q, _c, _r, why in answers.checks(lesson):
             assert why not in src
     for lesson, key in re.findall(r"Solution\.lesson\(\s*\"([\d.]+)\",\s*\"([\w-]+)\"", src):
         answers.solution(lesson, key)

@@ -443,7 +443,7 @@ def write_index(rows: List[Dict[str, Any]], out_dir: Path, *, quick: bool, title
                    f"<td class=n>{r['seconds']}</td><td>{html.escape(r['status'])}</td>"
                    f"<td class=n>{r['peak_qemu_rss_mb']}</td><td class=n>{r['qemu_processes']}</td>"
                    f"<td class=n>{r['cpu_s']}</td><td>{html.escape(str(r.get('detail', '')))}</td></tr>")
-    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vmlab lessons</title>
 <style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{padding:.2em .6em;border-bottom:1px solid #ddd}}
 td.n{{text-align:right}}tr.bad{{background:#fde0d0}}</style></head><body>

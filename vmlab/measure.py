@@ -188,7 +188,7 @@ class Rows:
         full = {"experiment": self.experiment, **row}
         for k, v in self.where.items():
             full.setdefault(k, v)
-        full.setdefault("measured_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        full.setdefault("measured_at", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         self.rows.append(full)
         return full
 

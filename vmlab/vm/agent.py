@@ -151,7 +151,7 @@ class AgentClient:
     async def _answer(self, rid: int, fut: asyncio.Future[_Frame], timeout: Optional[float], what: str) -> _Frame:
         try:
             f: _Frame = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(rid, None)
             raise
         if f.type == "ERR":
@@ -166,7 +166,7 @@ class AgentClient:
         host_timeout = None if timeout is None else timeout + 10.0
         try:
             f = await self._answer(rid, fut, host_timeout, f"running {command!r}")
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             try:
                 self._writer.write(f"KILL {rid} 0 0 0 0\n".encode())
             except Exception as exc:    # the channel is gone: so is the command

@@ -159,7 +159,7 @@ class VMCore:
         try:
             await asyncio.wait_for(self._exited.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _race(self, aw: Awaitable[T], timeout: float, phase: str) -> T:

@@ -9,7 +9,6 @@ VM fails at once with the reason rather than at the timeout.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -77,7 +76,7 @@ class GuestMixin(VMCore):
             raise GuestError(str(exc.message), **self._err_kw()) from exc
         except VMTimeout:
             raise
-        except asyncio.TimeoutError as exc:     # the agent never answered (a hung or stopped guest)
+        except TimeoutError as exc:     # the agent never answered (a hung or stopped guest)
             raise VMTimeout(f"command {command!r} in the guest (the guest agent did not answer)",
                             timeout or 0, **self._err_kw()) from exc
         if res.status == -1:

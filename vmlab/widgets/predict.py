@@ -11,7 +11,7 @@
     Solution("The boot is dominated by ...")          # a button reveals it
     Check([("Which is paravirtual?", ["IDE", "virtio-blk"], 1, "virtio-blk knows it is virtual.")])
 
-    Solution.lesson("01.00", "rss")     # in a lesson: the text lives in vmlab/widgets/answers.py,
+    Solution.lesson("01.00", "rss")     # in a lesson: the text lives in vmlab/answers/NN.MM.toml,
     Check.lesson("01.00")               # not in the cell the learner reads
 
 The feedback has one place: the prediction's widget. ``p.measured(x)`` returns it as text (a ``Feedback``,
@@ -285,7 +285,7 @@ class Prediction:
 class Solution:
     """A worked solution, hidden until the learner presses the button.
 
-    In a lesson use ``Solution.lesson("01.00", "rss")``: the text comes from vmlab/widgets/answers.py, so the
+    In a lesson use ``Solution.lesson("01.00", "rss")``: the text comes from vmlab/answers/NN.MM.toml, so the
     cell the learner reads does not give it away. Its text reaches the page only when revealed.
     """
 
@@ -297,7 +297,7 @@ class Solution:
 
     @classmethod
     def lesson(cls, lesson: str, key: str, label: str = "Show solution") -> Solution:
-        """The worked solution ``key`` of ``lesson`` ("01.00"), from vmlab/widgets/answers.py."""
+        """The worked solution ``key`` of ``lesson`` ("01.00"), from vmlab/answers/<lesson>.toml."""
         return cls(answers.solution(lesson, key), label=label)
 
     def reveal(self) -> None:
@@ -353,7 +353,7 @@ class Check:
 
     @classmethod
     def lesson(cls, lesson: str, title: str = "Check your understanding") -> Check:
-        """The end-of-lesson check of ``lesson`` ("01.00"), from vmlab/widgets/answers.py."""
+        """The end-of-lesson check of ``lesson`` ("01.00"), from vmlab/answers/<lesson>.toml."""
         return cls(answers.check(lesson), title=title)
 
     def __init__(self, questions: Sequence[QuestionT], title: str = "Check your understanding") -> None:

@@ -16,6 +16,17 @@ PYTEST_ARGS ?=
 # (python -m vmlab.lessons workspace; docs/lessons.md). Ignored by git.
 WORKSPACE ?= workspace
 LAB_ARGS ?=
+# The Korean edition (한국어판, docs/translation.md) is built from the English notebooks and their translations into
+# $(WORKSPACE)/ko/ beside the English lessons. `make lab EDITION=ko` (or `make lab LANG=ko`, or a ko_* locale)
+# opens it; `make demo EDITION=ko` serves its dashboards. LANG=ko given to make only picks the edition: the
+# commands still run under a real locale.
+EDITION ?= $(if $(filter ko ko_% ko-%,$(LANG)),ko,en)
+ifeq ($(LANG),ko)
+  override EDITION := ko
+  override LANG := C.UTF-8
+  export LANG
+endif
+EDITION_DIR := $(if $(filter ko,$(EDITION)),ko/,)
 # Project Jupyter settings (etc/jupyter): no news pop-up or update check, no CDN, widget views not saved
 # into notebooks, Voila dashboards stop their kernel (and VMs) when their tab goes away.
 JUPYTER_ENV := JUPYTER_CONFIG_PATH=$(CURDIR)/etc/jupyter JUPYTER_PATH=$(CURDIR)/etc/jupyter/data
@@ -26,8 +37,9 @@ ALLOW_ROOT   = $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 help:
 	@echo "make lab          set everything up and open the lessons (your copy, in $(WORKSPACE)/) in JupyterLab"
+	@echo "make lab EDITION=ko   the same, opening the Korean edition (한국어판, $(WORKSPACE)/ko/)"
 	@echo "make test         set everything up and run the test suite"
-	@echo "make lessons      execute every notebook headless, HTML in build/lessons/"
+	@echo "make lessons      execute every notebook headless, both editions: HTML in build/lessons/ (and ko/)"
 	@echo "make demo         instructor dashboards (Voila), no code visible"
 	@echo "make bench        run the benchmarks, judge each figure against benchmarks/targets.toml (BENCH_ARGS=--quick)"
 	@echo "make reliability  the long reliability and soak runs"
@@ -80,20 +92,31 @@ doctor: setup
 # Copy new and updated lessons into the workspace; a lesson the learner edited is kept as it is.
 workspace: venv
 	$(PY) -m vmlab.lessons workspace --to $(WORKSPACE)
+	$(PY) -m vmlab.edition workspace --to $(WORKSPACE)/ko
 
 lab: setup workspace
 	$(JUPYTER_ENV) $(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 $(ALLOW_ROOT) \
-	  --ServerApp.root_dir=$(WORKSPACE) --LabApp.default_url=/lab/tree/00.00-Index.ipynb $(LAB_ARGS)
+	  --ServerApp.root_dir=$(WORKSPACE) --LabApp.default_url=/lab/tree/$(EDITION_DIR)00.00-Index.ipynb $(LAB_ARGS)
 
+# Two passes: the tests that may share the machine on TEST_JOBS workers (a file stays on one worker, so its module-scoped
+# guests boot once; notebooks spread), then the serial ones alone (tests/conftest.py SERIAL_MODULES). Both passes always run;
+# `make test` fails if either failed ("no tests selected", exit 5, is not a failure: PYTEST_ARGS may select few).
+TEST_JOBS ?= 2
 test: setup system-test classroom-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@rc=0; \
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadgroup -m "not long and not serial" $(PYTEST_ARGS) || rc=$$?; \
+	[ $$rc = 5 ] && rc=0; rc2=0; \
+	$(PY) -m pytest -m "serial and not long" $(PYTEST_ARGS) || rc2=$$?; \
+	[ $$rc2 = 5 ] && rc2=0; \
+	echo "make test: parallel pass exit $$rc, serial pass exit $$rc2"; [ $$rc = 0 ] && [ $$rc2 = 0 ]
 
 lessons: setup
 	$(PY) -m vmlab.lessons render --quick
+	$(PY) -m vmlab.edition render --quick
 
 DEMO_PORT ?= 8866
 demo: setup workspace
-	$(JUPYTER_ENV) $(VENV)/bin/voila --no-browser --Voila.ip=127.0.0.1 --port=$(DEMO_PORT) $(WORKSPACE)/demo
+	$(JUPYTER_ENV) $(VENV)/bin/voila --no-browser --Voila.ip=127.0.0.1 --port=$(DEMO_PORT) $(WORKSPACE)/$(EDITION_DIR)demo
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -31,15 +31,47 @@ def qemu_children(parent: int | None = None) -> list[int]:
     return found
 
 
-def summary_tables(config: pytest.Config) -> list:
-    """Tables (title, lines) a test module wants printed at the end of the run (e.g. notebook timings)."""
-    if not hasattr(config, "_vmlab_tables"):
-        config._vmlab_tables = []  # type: ignore[attr-defined]
-    return config._vmlab_tables  # type: ignore[attr-defined]
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY_DIR = ROOT / "build" / "test-summary"    # tables written by the tests of this run, printed at its end
+
+# `make test` runs two passes: `pytest -n 2 -m "not serial"` (two workers, whole files per worker), then
+# `pytest -m serial`. These modules are the serial ones: they measure contention between VMs for the host's cores
+# (another worker's guests would be part of what they measure) or drive a browser and servers whose UI waits
+# assume the machine is not shared with a second test process.
+SERIAL_MODULES = {"test_browser", "test_classroom", "test_hosted_sharing", "test_cpu_platform"}
+
+
+# Under `--dist loadgroup` a module's tests stay on one worker (its module-scoped guests boot once), except these,
+# whose tests are independent and long (one notebook each): they are spread over the workers.
+SPREAD_MODULES = {"test_notebooks_run"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+        if module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
+def pytest_sessionstart(session):
+    session.config._vmlab_started = time.time()  # type: ignore[attr-defined]
+
+
+def summary_table(config: pytest.Config, name: str, title: str, lines: list) -> None:
+    """A table (title, lines) printed at the end of the run, also from an xdist worker (through a file)."""
+    SUMMARY_DIR.mkdir(parents=True, exist_ok=True)
+    (SUMMARY_DIR / f"{name}.txt").write_text("\n".join([title, *lines]) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    for title, lines in summary_tables(config):
+    started = getattr(config, "_vmlab_started", 0.0)
+    for path in sorted(SUMMARY_DIR.glob("*.txt")) if SUMMARY_DIR.is_dir() else []:
+        if path.stat().st_mtime < started:
+            continue        # from an earlier run
+        title, *lines = path.read_text().splitlines()
         terminalreporter.write_sep("-", title)
         for line in lines:
             terminalreporter.write_line(line)

@@ -29,7 +29,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "vmlab.guestinfo", "vmlab.nested")),
     (6, ("vmlab.experiments",)),
     (7, ("vmlab.widgets",)),
-    (8, ("vmlab.lessons", "vmlab.workspace", "vmlab.cli", "vmlab.__main__", "vmlab.classroom")),
+    (8, ("vmlab.lessons", "vmlab.workspace", "vmlab.cli", "vmlab.__main__", "vmlab.classroom", "vmlab.facts",
+         "vmlab.edition")),
     (9, ("vmlab",)),  # the package's __init__ re-exports the public API
 ]
 

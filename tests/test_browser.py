@@ -35,7 +35,7 @@ from typing import Any, Iterator, List
 import nbformat
 import pytest
 
-from vmlab import workspace
+from vmlab import edition, workspace
 from vmlab.widgets import answers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -554,3 +554,82 @@ def test_a_dashboard_whose_tab_vanished_is_culled(browser, voila):
     page.close(run_before_unload=False)
     wait_until(lambda: qemu_count(voila["server"]) == 0, "the culled kernel's QEMU to exit")
     assert "Culling kernel" in voila["server"].tail() or "cull" in voila["server"].tail().lower()
+
+
+# ------------------------------------------------------------- the Korean edition (한국어판, docs/translation.md)
+HANGUL = re.compile(r"[\uac00-\ud7a3]")
+
+
+def test_korean_lesson_in_jupyterlab(browser, lab):
+    """The Korean edition beside the English one in the same JupyterLab (`make lab EDITION=ko`): lesson 03.02 in
+    Korean, Run All without an error or a font warning (a missing Hangul glyph is one), widgets in Korean, its plots
+    (titled in Korean by the plot style) drawn."""
+    edition.sync(lab["ws"] / "ko")
+    name = "ko/03.02-Hardware-Assisted-Virtualization.ipynb"
+    src = nbformat.read(str(lab["ws"] / name), as_version=4)
+    assert src.metadata["language"] == "ko"
+    reqs: List[str] = []
+    page = open_lab(browser, lab, name, reqs)
+    try:
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        page.wait_for_function(LAB_JS_ALL_DONE, timeout=900_000, polling=1000)
+        assert error_outputs(page) == [], "an error or warning (e.g. a missing Hangul glyph) in the Korean lesson"
+        body = page.evaluate(TEXT)
+        assert len(HANGUL.findall(body)) > 500, "the lesson's text is not in Korean"
+        assert "예측:" in body and "측정값은 " in body, "the prediction widget and its feedback in Korean"
+        assert "풀이 보기" in page.locator("button.vmlab-solution-button").first.inner_text()
+        assert "답 확인" in page.locator("button.vmlab-check-button").first.inner_text()
+        # the experiment's plots (their titles from the plot style, in Korean): the first cell with an image output
+        i = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets.findIndex(c =>"
+                          " c.model.type === 'code' && c.model.outputs.toJSON().some(o => o.data && o.data['image/png']))")
+        assert i >= 0, "no plot in the Korean lesson"
+        page.evaluate("(i) => window.jupyterapp.shell.currentWidget.content.scrollToItem(i, 'start')", i)
+        cell = page.evaluate_handle("(i) => window.jupyterapp.shell.currentWidget.content.widgets[i].node", i)
+        page.wait_for_function("(node) => [...node.querySelectorAll('img')].some(img => img.naturalWidth > 100)",
+                               arg=cell, timeout=30_000)
+        cell.as_element().screenshot(path=str(SHOTS / "ko-lab-03.02-plot.png"))
+        page.locator(".vmlab-prediction").first.screenshot(path=str(SHOTS / "ko-lab-03.02-prediction.png"))
+        page.evaluate("() => window.jupyterapp.shell.currentWidget.content.widgets[0].node.scrollIntoView()")
+        page.screenshot(path=str(SHOTS / "ko-lab-03.02-top.png"))
+        shot(page, "ko-lab-03.02")
+        page.evaluate("() => window.jupyterapp.commands.execute('application:close-all')")
+    finally:
+        page.close()
+    assert offsite(reqs) == [], "JupyterLab fetched from outside the machine"
+
+
+@pytest.fixture
+def voila_ko(tmp_path) -> Iterator[dict]:
+    """`make demo EDITION=ko`: Voila on the Korean edition's dashboards."""
+    ws = tmp_path / "workspace"
+    workspace.sync_workspace(NB_DIR, ws)
+    edition.sync(ws / "ko")
+    port = free_port()
+    server = Server([str(BIN / "voila"), "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}",
+                     "--Voila.port_retries=0", str(ws / "ko" / "demo")],
+                    f"http://127.0.0.1:{port}/", ws / "ko" / "demo", tmp_path / "voila.log")
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "server": server}
+    finally:
+        server.stop()
+    assert qemu_count(server) == 0
+
+
+def test_korean_device_race_dashboard_in_voila(browser, voila_ko):
+    reqs: List[str] = []
+    page = open_dashboard(browser, voila_ko, "DeviceRace", reqs)
+    start = page.locator("button.vmlab-race-start").first
+    start.wait_for(timeout=GUARD)
+    assert start.inner_text().strip() == "경주 시작", "the dashboard's kernel speaks Korean (.vmlab-edition)"
+    body = page.inner_text("body")
+    assert len(HANGUL.findall(body)) > 50, "the dashboard's text is not in Korean"
+    start.click()
+    page.wait_for_function("() => /완료/.test(document.querySelector('.vmlab-race-status').innerText)",
+                           timeout=GUARD)
+    assert page.locator(".vmlab-race .vmlab-error").first.inner_text().strip() == ""
+    plot = page.locator(".vmlab-race-plot").first
+    assert plot.evaluate("(img) => img.naturalWidth") > 100
+    plot.screenshot(path=str(SHOTS / "ko-voila-device-race-plot.png"))
+    shot(page, "ko-voila-device-race")
+    leave_and_check_stopped(page, voila_ko)
+    assert offsite(reqs) == []

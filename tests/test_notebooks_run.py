@@ -21,7 +21,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from conftest import summary_tables
+from conftest import summary_table
 
 from vmlab import procfs
 
@@ -106,8 +106,10 @@ def timings_table(pytestconfig):
     yield
     if not _ROWS:
         return
-    TIMINGS_CSV.parent.mkdir(parents=True, exist_ok=True)
-    with open(TIMINGS_CSV, "w", newline="") as f:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")      # under `pytest -n`, each worker has its own table
+    csv_path = TIMINGS_CSV.with_name(f"notebook-timings-{worker}.csv") if worker else TIMINGS_CSV
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(_ROWS[0]))
         w.writeheader()
         w.writerows(_ROWS)
@@ -116,8 +118,9 @@ def timings_table(pytestconfig):
         lines.append(f"{r['notebook']:<52} {r['status']:<7} {r['wall_s']:>7.1f} {r['code_cells']:>5} "
                      f"{r['slowest_cell_s']:>8.1f} (#{r['slowest_cell']})")
     lines.append(f"{'total':<52} {'':<7} {sum(r['wall_s'] for r in _ROWS):>7.1f}   (load average "
-                 f"{os.getloadavg()[0]:.1f}; {TIMINGS_CSV.relative_to(ROOT)})")
-    summary_tables(pytestconfig).append(("notebooks executed in quick mode (tests/test_notebooks_run.py)", lines))
+                 f"{os.getloadavg()[0]:.1f}; {csv_path.relative_to(ROOT)})")
+    title = "notebooks executed in quick mode (tests/test_notebooks_run.py" + (f", worker {worker})" if worker else ")")
+    summary_table(pytestconfig, f"notebooks-{worker or 'main'}", title, lines)
 
 
 @pytest.mark.integration

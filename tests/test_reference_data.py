@@ -35,3 +35,21 @@ def test_reference_csv(path):
             vals = df[col].dropna()
             num = pd.to_numeric(vals, errors="coerce")
             assert num.notna().all(), f"{path.name}: non-numeric {col}: {list(vals[num.isna()])}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_every_reference_file_is_used(path):
+    """A reference file that no lesson or module reads is dead weight: use it or remove it."""
+    root = REF.parent.parent
+    sources = [*(root / "vmlab").rglob("*.py"), *(root / "notebooks").rglob("*.ipynb")]
+    users = [p for p in sources if ".ipynb_checkpoints" not in p.parts and path.name in p.read_text()]
+    assert users, f"{path.name}: no module in vmlab/ and no notebook reads it"
+
+
+def test_mmu_rows_agree_with_the_walk_arithmetic():
+    """The 2D page walk's worst case is (n+1)(m+1)-1 page-table references, plus one for the data."""
+    df = pd.read_csv(REF / "mmu_virtualization.csv")
+    for _, r in df[df.metric.str.startswith("max_2d_walk")].iterrows():
+        n, m = int(r.guest_levels), int(r.host_levels)
+        refs = (n + 1) * (m + 1) - 1
+        assert r.value == (refs + 1 if "with_data" in r.metric else refs), r.metric

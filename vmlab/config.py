@@ -29,6 +29,12 @@ variable                 meaning                                            read
                          the class predictions service (docs/classroom.md)
 ``VMLAB_STRICT``         ``1``: a widget handler's failure is raised after   :func:`strict`
                          it is shown and logged (tests set it)
+``VMLAB_SLOW_KVM``       ``1``: KVM here is itself emulated (vmlab inside a  :func:`slow_kvm`
+                         nested TCG guest: vmlab.vm.inner sets it); KVM
+                         boots get TCG's timeouts
+``VMLAB_LANG``           ``ko``: the Korean edition's library strings,      :func:`vmlab.i18n.lang`
+                         answers and plot font; ``en`` or unset: English
+                         (unset: the notebook's folder decides)
 ======================== ================================================== =====================
 
 (``VMLAB_HELPER_EXIT`` is read only by a test helper, ``tests/helpers/start_vm_and_wait.py``.)
@@ -73,6 +79,7 @@ __all__ = [
     "private_root",
     "qemu_binary",
     "quick",
+    "slow_kvm",
     "strict",
     "verify_image",
 ]
@@ -90,6 +97,8 @@ ENV_VARS: dict[str, str] = {
     "VMLAB_LOG": "debug/info/warning: show the vmlab logger on stderr",
     "VMLAB_CLASS_STORE": "on a JupyterHub: the class prediction store (a directory or the service URL)",
     "VMLAB_STRICT": "1: widget handler failures are raised, not only shown (tests)",
+    "VMLAB_SLOW_KVM": "1: KVM is emulated here (nested in a TCG guest): TCG's boot timeouts for KVM",
+    "VMLAB_LANG": "ko: the Korean edition (library strings, answers, plot font); en or unset: English",
 }
 
 _CACHE_FIX = "set VMLAB_CACHE to a directory you can write, e.g. export VMLAB_CACHE=/tmp/$USER-vmlab"
@@ -157,6 +166,11 @@ def quick() -> bool:
 def strict() -> bool:
     """``VMLAB_STRICT=1``: a widget handler's failure is raised after it is shown (tests, CI)."""
     return env_flag("VMLAB_STRICT")
+
+
+def slow_kvm() -> bool:
+    """``VMLAB_SLOW_KVM=1``: KVM here runs inside a TCG guest (vmlab.vm.inner), as slow as TCG."""
+    return env_flag("VMLAB_SLOW_KVM")
 
 
 def log_level() -> Optional[str]:

@@ -22,6 +22,9 @@ import textwrap
 import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from . import i18n
+from .i18n import tr
+
 # Okabe & Ito (2008), safe for the common colour-vision deficiencies.
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 KIND_COLORS = {"emulated": "#D55E00", "paravirtual": "#0072B2", "native": "#000000",
@@ -32,7 +35,47 @@ def figure(figsize: Tuple[float, float] = (7, 4), nrows: int = 1, ncols: int = 1
     """A new figure and its axes (one ``Axes``, or an array of them for ``nrows``/``ncols`` > 1). The layout is
     matplotlib's constrained one: titles, labels, legends and source notes get room and never overlap."""
     import matplotlib.pyplot as plt
+    language_font()
     return plt.subplots(nrows, ncols, figsize=figsize, layout="constrained")
+
+
+# The Korean edition's plots: Latin text in matplotlib's DejaVu Sans, Hangul from Debian's fonts-nanum (matplotlib
+# falls back glyph by glyph along font.family).
+KOREAN_FONT = "NanumGothic"
+LATIN_FONT = "DejaVu Sans"
+_FONT_DIRS = ("/usr/share/fonts/truetype/nanum", "/usr/share/fonts/nanum", "/usr/local/share/fonts")
+
+
+def korean_font_available() -> bool:
+    """Is NanumGothic known to matplotlib? (Registers the installed files when its font cache predates them.)"""
+    from pathlib import Path
+
+    from matplotlib import font_manager
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    if KOREAN_FONT in names:
+        return True
+    for d in _FONT_DIRS:
+        for path in sorted(Path(d).glob(f"{KOREAN_FONT}*.ttf")) if Path(d).is_dir() else []:
+            font_manager.fontManager.addfont(str(path))
+    return KOREAN_FONT in {f.name for f in font_manager.fontManager.ttflist}
+
+
+def font_family() -> list:
+    """The font.family for the learner's language: Hangul needs NanumGothic behind the Latin font."""
+    if i18n.lang() == "ko" and korean_font_available():
+        return [LATIN_FONT, KOREAN_FONT]
+    return [LATIN_FONT]
+
+
+def language_font() -> None:
+    """In the Korean edition, make matplotlib draw Hangul (``fonts-nanum``; without it ``make setup`` says what
+    to install and the text shows as boxes). Does nothing in English."""
+    if i18n.lang() != "ko":
+        return
+    import matplotlib as mpl
+    family = font_family()
+    if list(mpl.rcParams["font.family"]) != family:
+        mpl.rcParams["font.family"] = family
 
 
 def axes(ax: Any = None, *, figsize: Tuple[float, float] = (7, 4), nrows: int = 1, ncols: int = 1) -> Any:
@@ -237,14 +280,16 @@ def style(ax: Any, *, title: str = "", xlabel: str = "", ylabel: str = "", log: 
     ``log`` is "x", "y" or "xy": a log axis (:func:`log_axis`), its label saying so. Use it only for a range a
     linear axis would flatten (:func:`is_wide`), never for bars whose length is the point.
     """
+    language_font()
+    title, xlabel, ylabel = tr(title), tr(xlabel), tr(ylabel)
     if title:
         ax.set_title(title)
     for axis in "xy":
         label = xlabel if axis == "x" else ylabel
         if log and axis in log:
             log_axis(ax, axis)
-            if label and "log" not in label:
-                label = label[:-1] + ", log scale)" if label.endswith(")") else label + " (log scale)"
+            if label and "log" not in label and tr("log") not in label:
+                label = label[:-1] + tr(", log scale)") if label.endswith(")") else label + tr(" (log scale)")
         if label:
             getattr(ax, f"set_{axis}label")(label)
     ax.grid(True, which="major", alpha=0.3)
@@ -252,6 +297,12 @@ def style(ax: Any, *, title: str = "", xlabel: str = "", ylabel: str = "", log: 
         ax.spines[side].set_visible(False)
     if source:
         source_note(ax, source)
+    if i18n.lang() == "ko":   # texts made before the font was chosen (axes from plt.subplots, a Figure)
+        family = font_family()
+        legend = ax.get_legend()
+        for text in [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts,
+                     *(legend.get_texts() if legend is not None else [])]:
+            text.set_fontfamily(family)
     return ax
 
 
@@ -262,11 +313,11 @@ def where_label(df: Any) -> str:
     r = df.iloc[0]
     parts = []
     if "accel" in df:
-        parts.append(f"measured under {str(r['accel']).upper()}")
+        parts.append(tr("measured under {accel}").format(accel=str(r["accel"]).upper()))
     if "qemu" in df:
         parts.append(f"QEMU {r['qemu']}")
     if "guest_kernel" in df and r["guest_kernel"]:
-        parts.append(f"guest {r['guest_kernel']}")
+        parts.append(tr("guest {kernel}").format(kernel=r["guest_kernel"]))
     if "host_cpu" in df:
         parts.append(str(r["host_cpu"]))
     return ", ".join(parts)

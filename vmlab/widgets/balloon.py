@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..experiments.balloon import plot, sample, set_balloon, touch
 from ..guestinfo import where_vm
+from ..i18n import tr
 from ..plots import figure
 from ..vm import VM
 from .errors import failed
@@ -39,13 +40,13 @@ class BalloonWidget:
         first = sample(vm, self.t0, target_mb=mem)
         self.samples.append(dict(first, phase="start"))
         self.slider = W.IntSlider(value=round(first["balloon_actual_mb"]), min=64, max=mem, step=step,
-                                  description="guest MiB", continuous_update=False,
+                                  description=tr("guest MiB"), continuous_update=False,
                                   layout=W.Layout(width="420px"))
-        self.touch_mb = W.BoundedIntText(value=touch_mb or mem // 2, min=1, max=mem, description="touch MiB",
+        self.touch_mb = W.BoundedIntText(value=touch_mb or mem // 2, min=1, max=mem, description=tr("touch MiB"),
                                          layout=W.Layout(width="180px"))
-        self.touch_button = W.Button(description="guest touches memory", icon="hand-pointer-o",
+        self.touch_button = W.Button(description=tr("guest touches memory"), icon="hand-pointer-o",
                                      layout=W.Layout(width="auto"))
-        self.sample_button = W.Button(description="sample now", icon="refresh", layout=W.Layout(width="auto"))
+        self.sample_button = W.Button(description=tr("sample now"), icon="refresh", layout=W.Layout(width="auto"))
         self.slider.add_class("vmlab-balloon-slider")
         self.touch_button.add_class("vmlab-balloon-touch")
         self.sample_button.add_class("vmlab-balloon-sample")
@@ -125,10 +126,10 @@ class BalloonWidget:
 
         import matplotlib.pyplot as plt
         last = self.samples[-1]
-        self.status.value = (f"guest MemTotal <b>{last['guest_total_mb']:.0f} MiB</b>, "
-                             f"MemAvailable {last['guest_available_mb']:.0f} MiB; "
-                             f"balloon actual {last['balloon_actual_mb']:.0f} MiB; "
-                             f"host: QEMU RSS <b>{last['qemu_rss_mb']:.0f} MiB</b>")
+        self.status.value = tr("guest MemTotal <b>{total} MiB</b>, MemAvailable {available} MiB; balloon actual "
+                               "{actual} MiB; host: QEMU RSS <b>{rss} MiB</b>").format(
+            total=f"{last['guest_total_mb']:.0f}", available=f"{last['guest_available_mb']:.0f}",
+            actual=f"{last['balloon_actual_mb']:.0f}", rss=f"{last['qemu_rss_mb']:.0f}")
         fig, ax = figure(figsize=(8, 3.6))
         try:
             plot(self.frame(), ax=ax)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 import ipywidgets as W
 
 from ..errors import SpecError, StateError, VMTimeout
+from ..i18n import tr
 from ..spec import MachineSpec
 from ..vm import VM, RunState
 from .errors import failed
@@ -106,7 +107,7 @@ class ControlPanel:
     def _build(self) -> None:
         self.buttons: Dict[str, W.Button] = {}
         for key, label, icon, tip, style in BUTTONS:
-            b = W.Button(description=label, icon=icon, tooltip=tip, button_style=style,
+            b = W.Button(description=tr(label), icon=icon, tooltip=tr(tip), button_style=style,
                          layout=W.Layout(width="auto"))
             b.add_class(f"vmlab-{key}")
             b.add_class("vmlab-button")
@@ -126,7 +127,7 @@ class ControlPanel:
             W.HBox(list(self.buttons.values()), layout=W.Layout(flex_flow="row wrap")),
             self.state_label,
             W.HBox([self.event_log, self.timeline]),
-            W.HTML("<b>Console</b> (tail of the guest kernel log)"),
+            W.HTML(tr("<b>Console</b> (tail of the guest kernel log)")),
             self.console,
             self.errors,
         ])
@@ -193,20 +194,20 @@ class ControlPanel:
             en = sorted(allowed)
             if not self.history or self.history[-1]["state"] != st or self.history[-1]["enabled"] != en:
                 self.history.append({"state": st, "enabled": en, "t": time.time()})
-            bits = [f"<b style='color:{STATE_COLORS.get(st, '#000')}'>{html.escape(st)}</b>"]
+            bits = [f"<b style='color:{STATE_COLORS.get(st, '#000')}'>{html.escape(tr(st))}</b>"]
             if self._busy:
-                bits.append(f"<i>{html.escape(self._busy)}...</i>")
+                bits.append(f"<i>{html.escape(tr(self._busy))}...</i>")
             if vm.accel:
                 bits.append(f"accel {html.escape(vm.accel)}")
             if vm.pid:
                 bits.append(f"QEMU pid {vm.pid}")
             if vm.boot_seconds:
-                bits.append(f"booted in {vm.boot_seconds:.2f} s")
+                bits.append(tr("booted in {seconds} s").format(seconds=f"{vm.boot_seconds:.2f}"))
             if vm.exit_code is not None:
-                bits.append(f"QEMU exit status {vm.exit_code}")
+                bits.append(tr("QEMU exit status {code}").format(code=vm.exit_code))
             if self.state is RunState.PAUSED and not self._busy:
-                bits.append("<span class='vmlab-hint'>the vCPUs are stopped: press <b>Resume</b> before the "
-                            "power button (a paused guest cannot answer it)</span>")
+                bits.append("<span class='vmlab-hint'>" + tr("the vCPUs are stopped: press <b>Resume</b> before the "
+                            "power button (a paused guest cannot answer it)") + "</span>")
             self.state_label.value = (f"<span class='vmlab-state-text' data-state='{html.escape(st)}'>"
                                       f"VM <code>{html.escape(vm.spec.name)}</code>: " + " &middot; ".join(bits)
                                       + "</span>")
@@ -219,7 +220,7 @@ class ControlPanel:
             if con != self._last_console:
                 self._last_console = con
                 self.console.value = ("<pre style='font-size:11px;max-height:14em;overflow:auto;margin:0;"
-                                      "background:#f7f7f7;padding:4px'>" + html.escape(con or "(no output yet)")
+                                      "background:#f7f7f7;padding:4px'>" + html.escape(con or tr("(no output yet)"))
                                       + "</pre>")
 
     @staticmethod
@@ -267,13 +268,13 @@ class ControlPanel:
                          f"{html.escape(label)}</text>")
         parts.append(f"<text x='{width - 10}' y='{height - 2}' font-size='8' text-anchor='end'>"
                      f"{span:.3f} s after {html.escape(win[0]['event'])} (square-root scale)</text></svg>")
-        return "<b>Timeline</b> (since the last action)<br>" + "".join(parts)
+        return tr("<b>Timeline</b> (since the last action)") + "<br>" + "".join(parts)
 
     # ------------------------------------------------------------- errors
     def _show_error(self, doing: str, exc: BaseException) -> None:
         msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         fix = getattr(exc, "fix", None)
-        self.error_text = f"{doing}: {msg}" + (f" (fix: {fix})" if fix else "")
+        self.error_text = f"{tr(doing)}: {msg}" + (tr(" (fix: {fix})").format(fix=tr(fix)) if fix else "")
         self.errors.append_stderr(f"[{time.strftime('%H:%M:%S')}] {self.error_text}\n")
         if not hasattr(exc, "message"):      # not a vmlab error: a bug worth the traceback
             self.errors.append_stderr("".join(traceback.format_exception(exc))[-2000:])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..experiments.cpu import BENCHMARKS, DESCRIPTIONS, PAPER_NAME, run_guest, run_native, where_native
 from ..guestinfo import accel_of
+from ..i18n import tr
 from ..plots import color_for, figure, style
 from ..vm import VM
 from .errors import failed
@@ -34,11 +35,11 @@ class CompareWidget:
         import ipywidgets as W
         self.vm = vm
         self.history: List[Dict[str, Any]] = []
-        self.bench = W.Dropdown(options=list(BENCHMARKS), value=benchmark, description="benchmark")
-        self.scale = W.FloatLogSlider(value=scale, base=10, min=-3, max=0, step=0.25, description="scale",
+        self.bench = W.Dropdown(options=list(BENCHMARKS), value=benchmark, description=tr("benchmark"))
+        self.scale = W.FloatLogSlider(value=scale, base=10, min=-3, max=0, step=0.25, description=tr("scale"),
                                       continuous_update=False)
-        self.repeats = W.IntSlider(value=repeats, min=1, max=15, description="repeats", continuous_update=False)
-        self.button = W.Button(description="run natively and in the guest", icon="play",
+        self.repeats = W.IntSlider(value=repeats, min=1, max=15, description=tr("repeats"), continuous_update=False)
+        self.button = W.Button(description=tr("run natively and in the guest"), icon="play",
                                layout=W.Layout(width="auto"))
         self.button.add_class("vmlab-cpu-run")
         self.what = W.HTML()

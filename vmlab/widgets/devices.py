@@ -19,6 +19,7 @@ from ..devices import QUICK_DEVICES, profiles
 from ..errors import SpecError
 from ..experiments import console, disk, net
 from ..experiments.contrasts import measured_ratios, plot_interventions
+from ..i18n import tr
 from ..plots import table
 from .errors import failed
 
@@ -54,13 +55,13 @@ def contrast_widget(contrast: str, *, accel: str = "auto") -> Any:
     from IPython.display import display
     run_options(contrast)                        # an unknown contrast fails here, not in a click
     names = [p.name for p in profiles(contrast)]
-    devs = W.SelectMultiple(options=names, value=tuple(QUICK_DEVICES[contrast]), description="devices",
+    devs = W.SelectMultiple(options=names, value=tuple(QUICK_DEVICES[contrast]), description=tr("devices"),
                             rows=min(6, len(names)))
     menus = {key: W.Dropdown(options=[(label, value) for label, value, _d in entries],
                              value=next(v for _label, v, default in entries if default),
                              description=DESCRIPTIONS[key], style={"description_width": "initial"})
              for key, entries in MENUS[contrast].items()}
-    button = W.Button(description="Run", icon="play", button_style="primary", layout=W.Layout(width="auto"))
+    button = W.Button(description=tr("Run"), icon="play", button_style="primary", layout=W.Layout(width="auto"))
     button.add_class("vmlab-contrast-run")
     status = W.HTML()
     status.add_class("vmlab-contrast-status")

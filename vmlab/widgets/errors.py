@@ -29,6 +29,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 from ..config import strict
 from ..errors import SpecError, StateError
+from ..i18n import tr
 from ..log import get_logger
 
 __all__ = ["EXPECTED", "FAILURES", "WidgetHandlerError", "describe", "failed", "handler"]
@@ -50,7 +51,7 @@ def describe(doing: str, exc: BaseException) -> str:
     """One line for the learner: what was being done, the message, the fix if vmlab gave one."""
     msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     fix = getattr(exc, "fix", None)
-    return f"{doing}: {msg}" + (f" (fix: {fix})" if fix else "")
+    return f"{tr(doing)}: {tr(msg)}" + (tr(" (fix: {fix})").format(fix=tr(fix)) if fix else "")
 
 
 def failed(doing: str, exc: BaseException, show: Optional[Callable[[str], Any]] = None) -> str:

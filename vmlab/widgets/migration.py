@@ -23,6 +23,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..experiments.liveguest import LiveGuest
+from ..i18n import tr
 from ..plots import OKABE_ITO, figure, style
 from .errors import failed
 
@@ -37,18 +38,18 @@ class MigrationWidget:
         import ipywidgets as W
         self.guest = guest
         self.rows: List[Dict[str, Any]] = []
-        self.rate = W.FloatLogSlider(value=8, base=2, min=0, max=10, step=1, description="dirty MiB/s",
+        self.rate = W.FloatLogSlider(value=8, base=2, min=0, max=10, step=1, description=tr("dirty MiB/s"),
                                      continuous_update=False, layout=W.Layout(width="380px"))
-        self.bandwidth = W.IntSlider(value=32, min=8, max=256, step=8, description="link MiB/s",
+        self.bandwidth = W.IntSlider(value=32, min=8, max=256, step=8, description=tr("link MiB/s"),
                                      continuous_update=False, layout=W.Layout(width="380px"))
-        self.downtime = W.IntSlider(value=300, min=10, max=2000, step=10, description="max pause ms",
+        self.downtime = W.IntSlider(value=300, min=10, max=2000, step=10, description=tr("max pause ms"),
                                     continuous_update=False, layout=W.Layout(width="380px"))
-        self.auto = W.Checkbox(value=False, description="auto-converge (throttle the guest)")
-        self.post = W.Checkbox(value=False, description="switch to post-copy after 1 s")
-        self.idle = W.Checkbox(value=False, description="guest idle (heartbeat only, no writes)")
-        self.button = W.Button(description="Migrate", icon="truck", button_style="primary")
+        self.auto = W.Checkbox(value=False, description=tr("auto-converge (throttle the guest)"))
+        self.post = W.Checkbox(value=False, description=tr("switch to post-copy after 1 s"))
+        self.idle = W.Checkbox(value=False, description=tr("guest idle (heartbeat only, no writes)"))
+        self.button = W.Button(description=tr("Migrate"), icon="truck", button_style="primary")
         self.counter = W.HTML()
-        self.status = W.HTML("ready")
+        self.status = W.HTML(tr("ready"))
         self.plot_out = W.Output()
         self.log = W.Output(layout=W.Layout(max_height="160px", overflow="auto"))
         for w, css in ((self.rate, "rate"), (self.bandwidth, "bandwidth"), (self.button, "migrate"),

@@ -35,7 +35,8 @@ import traceback
 import zlib
 from typing import Any, Callable, List, Optional, Sequence, Union
 
-from .. import predictions_store
+from .. import i18n, predictions_store
+from ..i18n import tr
 from . import answers
 from .errors import failed
 
@@ -64,28 +65,35 @@ def ratio_feedback(predicted: Optional[float], measured: Optional[float], unit: 
     ``tolerance`` is the factor counted as "close" (2 = within 2x either way).
     """
     if measured is None or (isinstance(measured, float) and not math.isfinite(measured)):
-        return "No measurement yet: run the experiment cell first."
+        return tr("No measurement yet: run the experiment cell first.")
+    m = _fmt(measured, unit)
     if predicted is None:
-        return (f"Measured {_fmt(measured, unit)}. You did not record a prediction; "
-                f"try predicting before you measure next time: the surprise is the lesson.")
+        return tr("Measured {measured}. You did not record a prediction; try predicting before you measure next "
+                  "time: the surprise is the lesson.").format(measured=m)
     if predicted == measured:
-        return f"Measured {_fmt(measured, unit)}: exactly your prediction."
+        return tr("Measured {measured}: exactly your prediction.").format(measured=m)
+    p = _fmt(predicted, unit)
     if predicted <= 0 or measured <= 0:
         diff = measured - predicted
-        return (f"Measured {_fmt(measured, unit)}; you predicted {_fmt(predicted, unit)} "
-                f"(off by {_fmt(abs(diff), unit)}).")
+        return tr("Measured {measured}; you predicted {predicted} (off by {off}).").format(
+            measured=m, predicted=p, off=_fmt(abs(diff), unit))
     r = predicted / measured
     factor = max(r, 1 / r)
-    direction = "high" if r > 1 else "low"
+    high = r > 1
     if factor <= 1.1:
-        verdict = "spot on (within 10 %)"
+        verdict = tr("spot on (within 10 %)")
     elif factor <= tolerance:
-        verdict = f"close: within {tolerance:g}x ({factor:.2g}x too {direction})"
+        verdict = (tr("close: within {tolerance}x ({factor}x too high)") if high else
+                   tr("close: within {tolerance}x ({factor}x too low)")).format(tolerance=f"{tolerance:g}",
+                                                                               factor=f"{factor:.2g}")
     elif factor <= 10:
-        verdict = f"{factor:.2g}x too {direction}"
+        verdict = (tr("{factor}x too high") if high else tr("{factor}x too low")).format(factor=f"{factor:.2g}")
     else:
-        verdict = f"about {10 ** round(math.log10(factor)):,}x too {direction} (an order of magnitude or more)"
-    return f"Measured {_fmt(measured, unit)}; you predicted {_fmt(predicted, unit)}: {verdict}."
+        verdict = (tr("about {factor}x too high (an order of magnitude or more)") if high else
+                   tr("about {factor}x too low (an order of magnitude or more)")).format(
+                       factor=f"{10 ** round(math.log10(factor)):,}")
+    return tr("Measured {measured}; you predicted {predicted}: {verdict}.").format(measured=m, predicted=p,
+                                                                                   verdict=verdict)
 
 
 class Feedback(str):
@@ -202,8 +210,8 @@ class Prediction:
 
     def _recorded_text(self) -> str:
         if self.prediction is None:
-            return "no prediction recorded yet"
-        return f"your prediction: {_fmt(self.prediction, self.unit)} (recorded)"
+            return tr("no prediction recorded yet")
+        return tr("your prediction: {value} (recorded)").format(value=_fmt(self.prediction, self.unit))
 
     # ----------------------------------------------------------------- widget
     @property
@@ -214,26 +222,26 @@ class Prediction:
 
     def _build(self):
         import ipywidgets as W
-        q = W.HTML(f"<b>Predict:</b> {html.escape(self.question)}")
+        q = W.HTML(f"<b>{html.escape(tr('Predict:'))}</b> {html.escape(tr(self.question))}")
         wide = {"description_width": "initial"}      # the unit is the description: never cut it off
         if self.low is not None and self.high is not None:
             if self.log:
                 lo, hi = math.log10(self.low), math.log10(self.high)
                 start = math.log10(self._initial) if self._initial else (lo + hi) / 2
                 self._input = W.FloatLogSlider(value=10 ** start, base=10, min=lo, max=hi, step=0.05,
-                                               description=self.unit or "value", readout_format=".3g",
+                                               description=self.unit or tr("value"), readout_format=".3g",
                                                continuous_update=False, style=wide)
             else:
                 start = self._initial if self._initial is not None else (self.low + self.high) / 2
                 self._input = W.FloatSlider(value=start, min=self.low, max=self.high,
                                             step=(self.high - self.low) / 200,
-                                            description=self.unit or "value", readout_format=".3g",
+                                            description=self.unit or tr("value"), readout_format=".3g",
                                             continuous_update=False, style=wide)
         else:
-            self._input = W.Text(placeholder=f"your guess ({self.unit})" if self.unit else "your guess",
-                                 description="guess", style=wide)
+            self._input = W.Text(placeholder=tr("your guess ({unit})").format(unit=self.unit) if self.unit
+                                 else tr("your guess"), description=tr("guess"), style=wide)
         self._input.add_class("vmlab-predict-input")
-        rec = _button(W, "Record prediction", "pencil", "vmlab-predict-record")
+        rec = _button(W, tr("Record prediction"), "pencil", "vmlab-predict-record")
         self._status = W.HTML(self._recorded_text())
         self._out = W.HTML("")
         self._out.add_class("vmlab-predict-feedback")
@@ -241,7 +249,7 @@ class Prediction:
         rec.on_click(lambda _b: self._on_record())
         buttons = [rec]
         if self._measure is not None:
-            mb = _button(W, "Measure", "play", "vmlab-predict-measure")
+            mb = _button(W, tr("Measure"), "play", "vmlab-predict-measure")
             mb.on_click(lambda _b: self._on_measure(mb))
             buttons.append(mb)
         box = W.VBox([q, W.HBox([self._input, *buttons]), self._status, self._out, self._err])
@@ -256,7 +264,8 @@ class Prediction:
                 try:
                     v = float(v.replace(",", "").strip().split()[0])
                 except (ValueError, IndexError):
-                    print(f"please type a number (in {self.unit})" if self.unit else "please type a number")
+                    print(tr("please type a number (in {unit})").format(unit=self.unit) if self.unit
+                          else tr("please type a number"))
                     return
             self.record(v)
 
@@ -297,21 +306,25 @@ class Solution:
 
     @classmethod
     def lesson(cls, lesson: str, key: str, label: str = "Show solution") -> Solution:
-        """The worked solution ``key`` of ``lesson`` ("01.00"), from vmlab/answers/<lesson>.toml."""
-        return cls(answers.solution(lesson, key), label=label)
+        """The worked solution ``key`` of ``lesson`` ("01.00"), from vmlab/answers/<lesson>.toml (in the Korean
+        edition from vmlab/locale/ko/answers/<lesson>.toml, when its translation is there and not stale)."""
+        english = answers.solution(lesson, key)
+        language = i18n.lang()
+        translated = i18n.solution(lesson, key, english, language) if language != "en" else None
+        return cls(translated or english, label=label)
 
     def reveal(self) -> None:
         self.revealed = True
         if self._widget is not None:
             self._body.value = self.html
             self._body.layout.display = None
-            self._button.description = "Hide solution"
+            self._button.description = tr("Hide solution")
 
     def hide(self) -> None:
         self.revealed = False
         if self._widget is not None:
             self._body.layout.display = "none"
-            self._button.description = self.label
+            self._button.description = tr(self.label)
 
     def toggle(self) -> None:
         self.hide() if self.revealed else self.reveal()
@@ -333,7 +346,7 @@ class Solution:
     def widget(self):
         if self._widget is None:
             import ipywidgets as W
-            self._button = _button(W, self.label, "eye", "vmlab-solution-button")
+            self._button = _button(W, tr(self.label), "eye", "vmlab-solution-button")
             self._body = W.HTML("", layout=W.Layout(display="none"))     # filled in by reveal()
             self._body.add_class("vmlab-solution")
             self._button.on_click(lambda _b: self.toggle())
@@ -353,8 +366,14 @@ class Check:
 
     @classmethod
     def lesson(cls, lesson: str, title: str = "Check your understanding") -> Check:
-        """The end-of-lesson check of ``lesson`` ("01.00"), from vmlab/answers/<lesson>.toml."""
-        return cls(answers.check(lesson), title=title)
+        """The end-of-lesson check of ``lesson`` ("01.00"), from vmlab/answers/<lesson>.toml (translated in the
+        Korean edition, question by question, where vmlab/locale/ko/answers/<lesson>.toml has it fresh)."""
+        english = answers.check(lesson)
+        language = i18n.lang()
+        if language != "en":
+            translated = i18n.checks(lesson, english, language)
+            english = [t or e for t, e in zip(translated, english, strict=True)]
+        return cls(english, title=title)
 
     def __init__(self, questions: Sequence[QuestionT], title: str = "Check your understanding") -> None:
         qs: List[QuestionT] = []
@@ -387,12 +406,14 @@ class Check:
         score, lines = 0, []
         for n, ((_q, choices, right, why), got) in enumerate(zip(self.questions, self.answers, strict=False), 1):
             if got is None:
-                lines.append(f"{n}. not answered. The answer: {choices[right]}. {why}")
+                lines.append(tr("{n}. not answered. The answer: {answer}. {why}").format(
+                    n=n, answer=choices[right], why=why))
             elif got == right:
                 score += 1
-                lines.append(f"{n}. right. {why}")
+                lines.append(tr("{n}. right. {why}").format(n=n, why=why))
             else:
-                lines.append(f"{n}. not quite: you chose {choices[got]!r}; the answer is {choices[right]!r}. {why}")
+                lines.append(tr("{n}. not quite: you chose {chosen}; the answer is {answer}. {why}").format(
+                    n=n, chosen=repr(choices[got]), answer=repr(choices[right]), why=why))
         self.score, self.results = score, lines
         if self._widget is not None:
             items = "".join(f"<li>{html.escape(s)}</li>" for s in lines)
@@ -404,7 +425,7 @@ class Check:
         if self._widget is None:
             import ipywidgets as W
             self._radios = []
-            parts = [W.HTML(f"<h4>{html.escape(self.title)}</h4>")]
+            parts = [W.HTML(f"<h4>{html.escape(tr(self.title))}</h4>")]
             for n, (q, choices, _a, _w) in enumerate(self.questions, 1):
                 order = list(range(len(choices)))     # a fixed shuffle: the answer is not always in one place
                 random.Random(zlib.crc32(q.encode())).shuffle(order)
@@ -412,7 +433,7 @@ class Check:
                                    layout=W.Layout(width="auto"))
                 self._radios.append(r)
                 parts += [W.HTML(f"<b>{n}.</b> {html.escape(q)}"), r]
-            b = _button(W, "Check answers", "check", "vmlab-check-button")
+            b = _button(W, tr("Check answers"), "check", "vmlab-check-button")
             self._out = W.HTML("")
             self._out.add_class("vmlab-check-result")
             b.on_click(lambda _b: self.answer([r.value for r in self._radios]))

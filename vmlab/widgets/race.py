@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Sequence
 from .. import devices, plots
 from ..errors import SpecError
 from ..guestinfo import where_vm
+from ..i18n import tr
 from ..vm import VM
 from .errors import failed
 
@@ -146,7 +147,7 @@ class DeviceRace:
         colors = plots.device_colors([r["name"] for r in self.racers], {r["name"]: r["kind"] for r in self.racers})
         for r in self.racers:
             pts = self.data.get(r["name"]) or [(0.0, 0.0)]
-            label = f"{r['title']} ({r['kind']})" + (f": {rates[r['name']]:.1f} MB/s" if r["name"] in rates else "")
+            label = f"{r['title']} ({tr(r['kind'])})" + (f": {rates[r['name']]:.1f} MB/s" if r["name"] in rates else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=2.5, label=label,
                     color=colors[r["name"]])
         ax.set_xlim(0, self.seconds)
@@ -169,7 +170,7 @@ class DeviceRace:
             state = "racing" if self.running else ("finished" if any(self.data.values()) else "ready")
             if self.running and not any(len(v) > 1 for v in self.data.values()):
                 state = "booting the VMs"
-            parts = [f"<b>{html.escape(state)}</b>"]
+            parts = [f"<b>{html.escape(tr(state))}</b>"]
             if len(rates) == 2 and min(rates.values()) > 0:
                 (a, ra), (b, rb) = list(rates.items())
                 parts.append(f"{b} / {a}: {rb / ra:.1f}x")
@@ -186,14 +187,14 @@ class DeviceRace:
     def widget(self):
         if self._widget is None:
             import ipywidgets as W
-            self._go = W.Button(description="Start the race", icon="flag-checkered", button_style="success",
+            self._go = W.Button(description=tr("Start the race"), icon="flag-checkered", button_style="success",
                                 layout=W.Layout(width="auto"))
             self._go.add_class("vmlab-race-start")
-            halt = W.Button(description="Stop", icon="stop", layout=W.Layout(width="auto"))
+            halt = W.Button(description=tr("Stop"), icon="stop", layout=W.Layout(width="auto"))
             halt.add_class("vmlab-race-stop")
             self._go.on_click(lambda _b: self._safe(self.start))
             halt.on_click(lambda _b: self._safe(self.stop))
-            self._status = W.HTML("<b>ready</b>")
+            self._status = W.HTML(f"<b>{html.escape(tr('ready'))}</b>")
             self._status.add_class("vmlab-race-status")
             self._image = W.Image(format="png", layout=W.Layout(width="800px"))
             self._image.add_class("vmlab-race-plot")

@@ -178,7 +178,7 @@ def _experiment(args: argparse.Namespace) -> int:
         return _experiment_list(args.json)
     progress = None if args.json else (lambda m: print(m, file=sys.stderr))
     t0 = time.monotonic()
-    df = experiments.run_experiment(args.name, quick=args.quick, progress=progress)
+    df = experiments.run_experiment(args.name, quick=args.quick, progress=progress, nested=args.nested)
     if args.save:
         path = save(df, args.name)
         print(f"saved {path}", file=sys.stderr)
@@ -215,6 +215,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--quick", action="store_true", help="seconds, not minutes (CI, first try)")
     e.add_argument("--json", action="store_true", help="print a JSON array of row objects")
     e.add_argument("--save", action="store_true", help="also save the rows as CSV in data/measured/")
+    e.add_argument("--nested", action="store_true",
+                   help="run it under real KVM inside a nested guest (the host's files shared read-only; "
+                        "minutes under TCG; docs/kvm.md)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["image"]:
         from .image import build_image_cli

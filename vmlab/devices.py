@@ -438,6 +438,7 @@ class Probe:
             m.irqs = irq_delta(parse_interrupts(parts[0]), parse_interrupts(parts[2]), self.agent_virtio)
             m.trace_bytes = len(data)
         if kvm0 is not None and kvm1 is not None:
+            m.kvm_exit_counts = {k: v - kvm0.get(k, 0) for k, v in kvm1.items()}
             key = "exits" if "exits" in kvm1 else None    # KVM's total; else io + mmio exits
             if key:
                 m.kvm_exits = kvm1[key] - kvm0.get(key, 0)
@@ -457,8 +458,9 @@ class Measurement:
     traps: Dict[str, int] = field(default_factory=dict)
     irqs: Dict[str, int] = field(default_factory=dict)
     trace_bytes: int = 0
-    kvm_exits: Optional[int] = None
+    kvm_exits: Optional[int] = None         # VM exits of any reason during the run (KVM's "exits")
     kvm_note: str = ""
+    kvm_exit_counts: Dict[str, int] = field(default_factory=dict)   # per KVM counter: io_exits, mmio_exits...
     guest_busy_s: Optional[float] = None   # whole guest, /proc/stat (user+nice+system+irq+softirq)
 
     @property

@@ -225,6 +225,7 @@ class MachineSpec:
     extra_args: Tuple[str, ...] = ()        # raw QEMU arguments (checked for the few that would break vmlab)
     reboot: bool = True                     # a guest reboot resets the VM (False: QEMU exits instead)
     nested: bool = False                    # KVM inside the guest: a virtual CPU with svm/vmx, kvm loaded
+    host_root: bool = False                 # nested only: the host's / shared READ-ONLY over virtio-9p
 
     @property
     def memory_mb(self) -> int:
@@ -241,6 +242,10 @@ class MachineSpec:
         _check_bool("balloon", self.balloon)
         _check_bool("reboot", self.reboot)
         _check_bool("nested", self.nested)
+        _check_bool("host_root", self.host_root)
+        if self.host_root and not self.nested:
+            raise SpecError("host_root", "sharing the host's files is only for nested runs (vmlab inside vmlab)",
+                            fix="use MachineSpec(nested=True, host_root=True), or leave host_root out")
         if self.cpu_model is not None and not (isinstance(self.cpu_model, str)
                                                and re.fullmatch(r"[A-Za-z0-9_.,+=-]+", self.cpu_model)):
             raise SpecError("cpu_model", f"{self.cpu_model!r} is not a QEMU CPU model",

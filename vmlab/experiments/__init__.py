@@ -68,6 +68,18 @@ def get(name: str) -> Callable[..., pd.DataFrame]:
     return run
 
 
-def run_experiment(name: str, quick: bool = False, progress: Progress = None, **options: Any) -> pd.DataFrame:
-    """Run the registered experiment ``name``; its rows as a DataFrame."""
+def run_experiment(name: str, quick: bool = False, progress: Progress = None, *, nested: bool = False,
+                   **options: Any) -> pd.DataFrame:
+    """Run the registered experiment ``name``; its rows as a DataFrame.
+
+    ``nested=True`` runs it inside a nested guest whose KVM works (vmlab.experiments.inside), so its
+    guests run under real KVM even where the host's KVM cannot; ``options`` are then not allowed.
+    """
+    if nested:
+        if options:
+            raise SpecError("nested", f"a nested run takes no options ({', '.join(options)})",
+                            fix="run the experiment's defaults (quick or full) with nested=True")
+        get(name)       # an unknown or unbuilt experiment fails here, before any VM boots
+        from .inside import run_nested
+        return run_nested(name, quick=quick, progress=progress)
     return get(name)(quick=quick, progress=progress, **options)

@@ -65,7 +65,15 @@ def common_row(profile: DeviceProfile, m: Measurement, *, bytes_moved: int, coun
         "interventions_per_mb": (c.interventions / mb) if c and mb == mb else None,
         "counted_bytes": counted_bytes if c else None,
         "breakdown": c.breakdown() if c else "",
+        # what QEMU's trace events count: calls into the device model (register accesses, virtio kicks), under
+        # either accelerator; under KVM one string-I/O exit (rep insw) is replayed element by element here
+        "device_calls": c.n_traps if c else None,
+        "device_calls_per_mb": (c.n_traps / mb) if c and mb == mb else None,
+        # what KVM's own counters (QMP query-stats) count: VM exits of this run (None under TCG, kvm_note says why)
         "kvm_exits": m.kvm_exits, "kvm_note": m.kvm_note,
+        "kvm_io_exits": m.kvm_exit_counts.get("io_exits"), "kvm_mmio_exits": m.kvm_exit_counts.get("mmio_exits"),
+        "kvm_exits_per_mb": (m.kvm_exits / (bytes_moved / 1e6)) if m.kvm_exits is not None and bytes_moved
+        else None,
     }
 
 

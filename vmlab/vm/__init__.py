@@ -21,9 +21,11 @@ One job per module (each may import the ones above it in this list, never below)
     tracing   QEMU trace events of a VM
     metrics   the QEMU process's CPU time and memory, from /proc
     nested    nested guests: proving KVM works inside one (vm.nested_kvm), doctor's probe
+    migrate   live migration between two QEMU processes on this host (source and -incoming)
     machine   AsyncVM: the rooms together; start, lifecycle actions, shutdown
     sync      VM, the synchronous face; kvm_verdict, require_kvm
     profile   where a boot's time goes (python -m vmlab boot --profile, docs/boot.md)
+    inner     vmlab run inside a nested guest under real KVM (run_inside; the host root shared read-only)
 """
 
 from .accel import kvm_device_problem

@@ -37,6 +37,7 @@ __all__ = ["PROBE_TIMEOUT", "BootKVM", "KvmVerdict", "ProbeVM", "host_key", "kvm
 log = get_logger(__name__)
 
 PROBE_TIMEOUT = 12.0
+SLOW_PROBE_TIMEOUT = 90.0       # VMLAB_SLOW_KVM=1: a guest under KVM nested in TCG boots in 17-40 s
 
 
 class KvmVerdict(TypedDict):
@@ -128,6 +129,8 @@ async def probe_kvm(boot: BootKVM, image: Optional[GuestImage] = None, timeout: 
         if stored:
             _cache[key] = stored
             return {**stored, "cached": True}
+    if config.slow_kvm():       # KVM inside a TCG guest (vmlab.vm.inner) boots at TCG's pace
+        timeout = max(timeout, SLOW_PROBE_TIMEOUT)
     t0 = time.monotonic()
     vm = boot(image, timeout)
     usable, reason = False, ""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from .. import procfs
+from .. import config, procfs
 from ..errors import GuestError, SpecError, StateError, VMDied, VMTimeout
 from .agent import AgentClient, RunResult
 from .core import VMCore, check_timeout
@@ -32,7 +32,7 @@ class GuestMixin(VMCore):
     def _default_boot_timeout(self) -> float:
         if self.boot_timeout:
             return float(self.boot_timeout)
-        return 30.0 if self.accel == "kvm" else 90.0
+        return 30.0 if self.accel == "kvm" and not config.slow_kvm() else 90.0
 
     @require(*_NOT_PAUSED, doing="wait for the guest to become ready")
     async def wait_ready(self, timeout: Optional[float] = None) -> str:

@@ -41,6 +41,14 @@ TCG_TB_MIB = 32
 #: the virtual CPU of a nested guest (spec.nested) under TCG: qemu64 with AMD-V and nested paging,
 #: emulated by TCG; under KVM the host's CPU is passed through ("host": nested virtualization)
 TCG_NESTED_CPU = "qemu64,+svm,+npt"
+#: the mount tag of the host's root in a ``host_root`` guest (vmlab.vm.inner mounts it read-only on /host)
+HOST_ROOT_TAG = "hostroot"
+#: the host's / for a nested guest that runs vmlab itself (spec.host_root): read-only at QEMU's end
+#: (``readonly=on``: no write reaches the host whatever the guest does), no credentials mapped
+#: (``security_model=none``: the files keep the host's owners, QEMU opens them as its own user),
+#: inode numbers remapped so files of different host file systems never collide
+HOST_ROOT_VIRTFS = (f"local,path=/,mount_tag={HOST_ROOT_TAG},security_model=none,readonly=on,"
+                    "multidevs=remap")
 
 
 def nested_cpu_model(accel: str) -> str:
@@ -79,6 +87,8 @@ def kernel_cmdline(spec: MachineSpec) -> str:
         mods.append("af_packet")
     if spec.balloon:
         mods.append("virtio_balloon")
+    if spec.host_root:
+        mods += ["9pnet_virtio", "9p"]
     seen: List[str] = []
     for m in mods:
         if m not in seen:
@@ -168,6 +178,8 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
         a += ["-device", f"{NIC_MODELS[n.model]},netdev={net},mac={mac},id=nic{i}"]
     if spec.balloon:
         a += ["-device", "virtio-balloon-pci,id=balloon0"]
+    if spec.host_root:
+        a += ["-virtfs", HOST_ROOT_VIRTFS]
     if spec.trace and trace_file is not None:
         for pattern in spec.trace:
             a += ["-trace", f"enable={pattern}"]

@@ -99,12 +99,12 @@ lab: setup workspace
 	  --ServerApp.root_dir=$(WORKSPACE) --LabApp.default_url=/lab/tree/$(EDITION_DIR)00.00-Index.ipynb $(LAB_ARGS)
 
 # Two passes: the tests that may share the machine on TEST_JOBS workers (a file stays on one worker, so its module-scoped
-# guests boot once; notebooks spread), then the serial ones alone (tests/conftest.py SERIAL_MODULES). Both passes always run;
+# guests boot once), then the serial ones alone (tests/conftest.py SERIAL_MODULES). Both passes always run;
 # `make test` fails if either failed ("no tests selected", exit 5, is not a failure: PYTEST_ARGS may select few).
 TEST_JOBS ?= 2
 test: setup system-test classroom-deps
 	@rc=0; \
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadgroup -m "not long and not serial" $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not long and not serial" $(PYTEST_ARGS) || rc=$$?; \
 	[ $$rc = 5 ] && rc=0; rc2=0; \
 	$(PY) -m pytest -m "serial and not long" $(PYTEST_ARGS) || rc2=$$?; \
 	[ $$rc2 = 5 ] && rc2=0; \

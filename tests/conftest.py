@@ -34,16 +34,12 @@ def qemu_children(parent: int | None = None) -> list[int]:
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_DIR = ROOT / "build" / "test-summary"    # tables written by the tests of this run, printed at its end
 
-# `make test` runs two passes: `pytest -n 2 -m "not serial"` (two workers, whole files per worker), then
+# `make test` runs two passes: `pytest -n 2 -m "not serial"` (two workers, `--dist loadfile`: a file stays on one
+# worker, so its module-scoped guests boot once), then
 # `pytest -m serial`. These modules are the serial ones: they measure contention between VMs for the host's cores
-# (another worker's guests would be part of what they measure) or drive a browser and servers whose UI waits
-# assume the machine is not shared with a second test process.
-SERIAL_MODULES = {"test_browser", "test_classroom", "test_hosted_sharing", "test_cpu_platform"}
-
-
-# Under `--dist loadgroup` a module's tests stay on one worker (its module-scoped guests boot once), except these,
-# whose tests are independent and long (one notebook each): they are spread over the workers.
-SPREAD_MODULES = {"test_notebooks_run"}
+# (another worker's guests would be part of what they measure), or run a hub whose load test counts the
+# machine's QEMU processes and memory per student.
+SERIAL_MODULES = {"test_classroom", "test_hosted_sharing", "test_cpu_platform"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -52,8 +48,6 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
         if module in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
-        if module not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
 
 
 def pytest_sessionstart(session):

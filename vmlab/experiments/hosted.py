@@ -378,7 +378,7 @@ def plot_layers(df: Any, ax: Any = None) -> Any:
     from matplotlib.patches import FancyBboxPatch
     ax = axes(ax, figsize=(11, 5.6))
     n = len(os.sched_getaffinity(0))
-    hw = f"hardware ({n} vCPUs of a cloud VM)" if host_virtualization().get("is_vm") else f"hardware ({n} cores)"
+    hw = f"hardware ({n} vCPUs of a VM)" if host_virtualization().get("is_vm") else f"hardware ({n} cores)"
     stacks = {
         "native": [hw, "host kernel", "vmbench (host process)"],
         "kvm": ["hardware + VT-x / AMD-V", "host kernel + KVM module", "QEMU process (devices only)",

@@ -10,6 +10,7 @@
   fraction of virtio-blk's, same workload).
 * :func:`exits_table` - :func:`vmlab.experiments.inside.device_exits_table` on frames whose KVM columns may
   hold ``None`` (a live TCG run): they are made float first, so a missing count is NaN, never a dropped column.
+* :func:`where_text` - where a recorded nested-KVM run ran, in one sentence.
 * :func:`plot_calls_vs_exits` - per device, QEMU's device-model calls per MB (trace events, either
   accelerator) beside KVM's VM exits per MB (a recorded nested-KVM run), from
   :func:`vmlab.experiments.inside.device_exits_table`.
@@ -182,14 +183,33 @@ def exits_table(*frames: pd.DataFrame) -> pd.DataFrame:
     return device_exits_table(*fixed)
 
 
-def plot_calls_vs_exits(tab: pd.DataFrame, ax: Any = None) -> Any:
+def where_text(rows: pd.DataFrame, contrast: str) -> str:
+    """Where a recorded nested-KVM run of ``contrast`` ran, in one sentence (from ``rows.attrs["where"]``)."""
+    w = (rows.attrs.get("where") or {}).get(contrast) or {}
+    if not w:
+        return "where it ran was not recorded"
+    load = w.get("load_before") or []
+    return (f"{str(w.get('inner_accel', 'kvm')).upper()} ({w.get('nested_kvm_module', '?')}) inside a "
+            f"{str(w.get('outer_accel', '?')).upper()} guest ({w.get('nested_cpus', '?')} vCPU, guest kernel "
+            f"{w.get('nested_guest_kernel', '?')}), QEMU {w.get('qemu', '?')}, on host '{w.get('host', '?')}' "
+            f"({w.get('host_cpu', '?')}, {w.get('host_cpus', '?')} CPUs, kernel {w.get('host_kernel', '?')}), "
+            f"{str(w.get('date', '?'))[:16].replace('T', ' ')} UTC"
+            + (f", load average {load[0]:.1f} before" if load else ""))
+
+
+def plot_calls_vs_exits(tab: pd.DataFrame, ax: Any = None, *, workload: Optional[str] = None) -> Any:
     """Per device: QEMU device-model calls per MB and KVM VM exits per MB, one bar per (count, where it ran).
 
     ``tab`` is :func:`vmlab.experiments.inside.device_exits_table` output (recorded KVM rows and live TCG rows).
-    A log axis when the values span more than 30x; a missing bar means that count does not exist there (no VM
-    exits under TCG)."""
+    One workload (``workload``, default the table's first). A log axis when the values span more than 30x; a
+    missing bar means that count does not exist there (no VM exits under TCG)."""
     import pandas as pd
     ax = axes(ax, figsize=(10, 4.2))
+    if "workload" in tab and len(tab):
+        workload = workload or str(tab["workload"].iloc[0])
+        tab = tab[tab["workload"] == workload]
+    if (tab["accel"] == "kvm").any():       # side by side only where both exist
+        tab = tab[tab["device"].isin(set(tab[tab["accel"] == "kvm"]["device"]))]
     series: Dict[str, Dict[str, float]] = {}
     order: List[str] = []
     for r in tab.itertuples():
@@ -201,8 +221,12 @@ def plot_calls_vs_exits(tab: pd.DataFrame, ax: Any = None) -> Any:
         kvm = float(r.kvm_exits_per_mb) if r.kvm_exits_per_mb == r.kvm_exits_per_mb else math.nan
         if math.isfinite(kvm):
             series.setdefault(f"VM exits per MB ({where})", {})[dev] = kvm
+    rank = {"device-model calls per MB (TCG)": 0, "device-model calls per MB (KVM)": 1, "VM exits per MB (KVM)": 2}
     t = pd.DataFrame(series).reindex(order)
-    palette = {name: OKABE_ITO[(i * 2 + 1) % len(OKABE_ITO)] for i, name in enumerate(t.columns)}
+    t = t[sorted(t.columns, key=lambda c: rank.get(c, 9))]
+    fixed = {"device-model calls per MB (TCG)": KIND_COLORS["tcg"], "device-model calls per MB (KVM)": KIND_COLORS["kvm"],
+             "VM exits per MB (KVM)": "#555555"}
+    palette = {name: fixed.get(name, OKABE_ITO[(i * 2 + 1) % len(OKABE_ITO)]) for i, name in enumerate(t.columns)}
     grouped_bars(ax, t, colors=palette, hatches=True)
     for c in ax.containers:
         ax.bar_label(c, labels=[number(v) if v == v and v > 0 else "" for v in c.datavalues], fontsize=7,
@@ -211,7 +235,9 @@ def plot_calls_vs_exits(tab: pd.DataFrame, ax: Any = None) -> Any:
     wide = is_wide(vals[vals == vals])
     if wide:
         ax.set_ylim(top=float(pd.Series(vals).max()) * 20)
-    style(ax, title="What the device model is asked vs how often the guest exits", xlabel="device",
-          ylabel="count per MB moved (count/MB)", log="y" if wide else None)
+    ran = "; ".join(f"{str(a).upper()}: {r}" for a, r in tab.groupby("accel", sort=False)["ran"].first().items()) \
+        if "ran" in tab else ""
+    style(ax, title="Device-model calls vs VM exits" + (f", {workload}" if workload else ""), xlabel="device",
+          ylabel="count per MB moved (count/MB)", log="y" if wide else None, source=ran)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return ax

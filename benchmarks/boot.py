@@ -4,7 +4,11 @@ same kernel to a busybox shell), each plain boot taken right before a vmlab boot
 
 Figures (repeats; the runner reports median and spread): plain_boot_s, cold_boot_s (start() called to the
 agent ready), cold_vs_plain (each cold boot over the median plain boot), warm_boot_s, warm_vs_plain,
-warm_vs_cold, warm_restored, run_roundtrip_ms (run("true") wall time), qemu_rss_mib; and the same boots in QEMU's
+warm_vs_cold, warm_restored, run_roundtrip_ms (run("true") wall time), qemu_rss_mib; where the round trip goes:
+ping_ms (the agent channel and the host's asyncio, no process in the guest) and run_guest_ms (the guest's own
+spawn-to-exit time of ``sh -c true``, measured in the guest), run_cpu_ms and ping_cpu_ms (QEMU's CPU time per call:
+the work of one call, which a loaded host stretches far less than wall time); qemu_rss_warm_mib (a warm-restored guest: QEMU skips
+loading the kernel and initramfs files on an incoming migration); and the same boots in QEMU's
 CPU seconds to the moment they are ready (plain_cpu_s, cold_cpu_s, cold_cpu_vs_plain, warm_cpu_vs_plain): the
 boot's work, which a loaded host does not stretch. Targets (issue 18): benchmarks/targets.toml. The machine may
 be loaded by other work: the load average is recorded with the figures (``_load_avg``), and only ratios measured
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.plainboot import PlainBoot
 from vmlab import VM
 from vmlab.hostinfo import where
+from vmlab.procfs import process_cpu_seconds
 
 
 def _ready_cpu(vm: VM) -> float:
@@ -46,7 +51,12 @@ def measure(quick: bool = False) -> Dict[str, Any]:
     cold_cpu: List[float] = []
     warm_cpu: List[float] = []
     rtt: List[float] = []
+    rtt_guest: List[float] = []
+    ping: List[float] = []
+    run_cpu: List[float] = []
+    ping_cpu: List[float] = []
     rss: List[float] = []
+    rss_warm: List[float] = []
     accel, release = "", ""
     yardstick = PlainBoot()
     try:
@@ -58,7 +68,16 @@ def measure(quick: bool = False) -> Dict[str, Any]:
                 cold_cpu.append(_ready_cpu(vm))
                 release = vm.run("uname -r").stdout.strip()
                 accel = vm.accel or ""
-                rtt += [vm.run("true").wall_s * 1e3 for _ in range(roundtrips)]
+                pid = vm.pid or 0
+                c0 = process_cpu_seconds(pid)
+                runs = [vm.run("true") for _ in range(roundtrips)]
+                c1 = process_cpu_seconds(pid)
+                rtt += [r.wall_s * 1e3 for r in runs]
+                rtt_guest += [r.guest_s * 1e3 for r in runs]
+                ping += [vm.ping() * 1e3 for _ in range(roundtrips)]
+                c2 = process_cpu_seconds(pid)
+                run_cpu.append((c1 - c0) / roundtrips * 1e3)
+                ping_cpu.append((c2 - c1) / roundtrips * 1e3)
                 rss.append(vm.qemu_rss_bytes() / 2**20)
     finally:
         yardstick.close()
@@ -73,6 +92,7 @@ def measure(quick: bool = False) -> Dict[str, Any]:
                 warm.append(time.monotonic() - t0)
                 warm_cpu.append(_ready_cpu(vm))
             vm.run("true")
+            rss_warm.append(vm.qemu_rss_bytes() / 2**20)
     plain_median, cold_median = statistics.median(plain), statistics.median(cold)
     plain_cpu = statistics.median(yardstick.cpu_seconds)
     return {"plain_cpu_s": yardstick.cpu_seconds, "cold_cpu_s": cold_cpu,
@@ -80,7 +100,9 @@ def measure(quick: bool = False) -> Dict[str, Any]:
             "plain_boot_s": plain, "cold_boot_s": cold, "cold_vs_plain": [c / plain_median for c in cold],
             "warm_boot_s": warm, "warm_vs_plain": [w / plain_median for w in warm],
             "warm_vs_cold": [w / cold_median for w in warm], "warm_restored": restored / repeats,
-            "run_roundtrip_ms": rtt, "qemu_rss_mib": rss,
+            "run_roundtrip_ms": rtt, "run_guest_ms": rtt_guest, "ping_ms": ping,
+            "run_cpu_ms": run_cpu, "ping_cpu_ms": ping_cpu,
+            "qemu_rss_mib": rss, "qemu_rss_warm_mib": rss_warm,
             "_where": where(accel, release), "_load_avg": [*load_before, *os.getloadavg()]}
 
 

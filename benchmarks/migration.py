@@ -4,12 +4,15 @@ Figures, from runs of ``python -m vmlab experiment migration --quick --json`` as
 ``cli_quick_s`` (its wall time); ``idle_guests_kept`` (of the migrations of an idle guest, the fraction that
 arrived with its file and counter: judged, must be all); ``busy_guests_survived`` (of the live pre-copy
 migrations of a guest writing memory, the fraction whose guest passed the check afterwards: judged, must be all;
-QEMU 7.2's TCG misses it here, docs/migration.md); ``heartbeat_vs_qemu_downtime`` (the pause the host saw in
+QEMU 7.2's TCG needs vmlab's work-around for it, docs/migration.md); ``heartbeat_vs_qemu_downtime`` (the pause the host saw in
 the guest's heartbeat over QEMU's downtime, same migration: at least 1); ``downtime_vs_total`` (QEMU's downtime
 over its total time, converged pre-copy: the guest runs during most of the move); ``dirty_vs_idle_total``
 (total time with the highest dirty rate over idle, at the lowest bandwidth, same run); ``unreachable_limit_cancelled``
-(the 5 ms pause limit case did not converge); ``stop_and_copy_vs_precopy_downtime`` (stop-and-copy's downtime
-over idle pre-copy's at the same bandwidth, same run). Targets: benchmarks/targets.toml.
+(the non-converging case did not converge); ``auto_converge_acted`` (the auto-converge case throttled the guest:
+``max_throttle_pct`` > 0) and ``auto_converge_completed`` (and then completed, within its time limit);
+``stop_and_copy_vs_precopy_downtime`` (stop-and-copy's downtime over idle pre-copy's, same run, scaled to the
+same bandwidth: stop-and-copy runs at the special cases' link, pre-copy at its own). Targets:
+benchmarks/targets.toml.
 
     .venv/bin/python -m benchmarks migration [--quick]
 """
@@ -50,7 +53,11 @@ def measure(quick: bool = False) -> Dict[str, Any]:
         "heartbeat_vs_qemu_downtime": [r["guest_gap_ms"] / r["downtime_ms"] for r in ok if r["downtime_ms"]],
         "downtime_vs_total": [r["downtime_ms"] / 1e3 / r["total_time_s"] for r in pre if r["converged"]],
     }
-    ratios, stop_ratios, cancelled = [], [], []
+    ratios: List[float] = []
+    stop_ratios: List[float] = []
+    cancelled: List[float] = []
+    acted: List[float] = []
+    ac_done: List[float] = []
     for run in runs:
         rs = run["rows"]
         low = min(r["bandwidth_mbs"] for r in rs if r["case"] == "precopy")
@@ -60,14 +67,22 @@ def measure(quick: bool = False) -> Dict[str, Any]:
         if 0 in t and busiest > 0:
             ratios.append(t[busiest] / t[0])
         stop = [r for r in rs if r["case"] == "stop-and-copy" and r["converged"]]
-        idle = [r["downtime_ms"] for r in rs if stop and r["case"] == "precopy" and r["converged"]
-                and r["bandwidth_mbs"] == stop[0]["bandwidth_mbs"] and r["dirty_rate_mbs"] == 0]
-        if idle and stop:
-            stop_ratios.append(stop[0]["downtime_ms"] / idle[0])
+        idle_rows = [r for r in rs if r["case"] == "precopy" and r["converged"] and r["dirty_rate_mbs"] == 0
+                     and r["downtime_ms"]]
+        if idle_rows and stop:
+            i0 = min(idle_rows, key=lambda r: r["bandwidth_mbs"])
+            # the copy at pre-copy's bandwidth would take stop_bw / pre_bw of stop-and-copy's time
+            scale = stop[0]["bandwidth_mbs"] / i0["bandwidth_mbs"]
+            stop_ratios.append(stop[0]["downtime_ms"] * scale / i0["downtime_ms"])
         cancelled += [0.0 if r["converged"] else 1.0 for r in rs if r["case"] == "non-converging"]
+        ac = [r for r in rs if r["case"] == "auto-converge"]
+        acted += [1.0 if (r["max_throttle_pct"] or 0) > 0 else 0.0 for r in ac]
+        ac_done += [1.0 if r["converged"] and r["guest_ok"] else 0.0 for r in ac]
     out["dirty_vs_idle_total"] = ratios
     out["stop_and_copy_vs_precopy_downtime"] = stop_ratios
     out["unreachable_limit_cancelled"] = cancelled
+    out["auto_converge_acted"] = acted
+    out["auto_converge_completed"] = ac_done
     out["guests_lost"] = float(sum(not r["guest_ok"] for r in rows))
     first = rows[0] if rows else {}
     out["_where"] = {k: str(first.get(k, "")) for k in ("accel", "qemu", "guest_kernel", "host_kernel", "host_cpu")}

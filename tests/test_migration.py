@@ -1,6 +1,8 @@
 """Live migration (vmlab.vm.migrate, vmlab.experiments.liveguest / migration): real TCG guests moved
 between QEMU processes on this host. The tests check what must hold -- the guest's file and counter
-survive, the old process is gone, a migration that cannot converge leaves the guest where it was --
+survive, also when it writes memory during the copy (QEMU 7.2's TCG lost such writes before vmlab's
+work-around: 5 of 8 guests arrived broken, docs/migration.md), the old process is gone, a migration that
+cannot converge leaves the guest where it was, auto-converge throttles the guest until it does --
 never how long anything took.
 """
 
@@ -14,7 +16,8 @@ from vmlab import SpecError
 from vmlab.experiments import REGISTRY
 from vmlab.experiments.liveguest import Heartbeat, LiveGuest, check_rate
 from vmlab.procfs import is_zombie
-from vmlab.vm.migrate import _caps
+from vmlab.vm import AsyncVM, runner
+from vmlab.vm.migrate import _caps, _has_odd_memory, migratable_args, needs_odd_memory
 
 
 def alive(pid) -> bool:
@@ -36,6 +39,17 @@ def test_bad_input_is_named():
         g.migrate(bandwidth_mbs=0)
     with pytest.raises(SpecError, match="working_set"):
         LiveGuest(memory=256, working_set=500)
+    with pytest.raises(SpecError, match="incoming"):             # only "defer": never a TCP listener
+        runner.block_on(AsyncVM(memory=256).start(incoming="tcp:0.0.0.0:4444"))
+
+
+def test_the_tcg_work_around_is_given_where_qemu_needs_it():
+    # QEMU < 9.0: 8 KiB more than the MiB asked, so the RAM block is not a multiple of 256 KiB
+    assert migratable_args(256, version="7.2.22") == ("-m", "262152K")
+    assert migratable_args(256, version="9.0.0") == () and not needs_odd_memory("10.0.2")
+    assert _has_odd_memory(AsyncVM(memory=256, extra_args=migratable_args(256, version="7.2.22")))
+    assert not _has_odd_memory(AsyncVM(memory=256)) and not _has_odd_memory(AsyncVM(memory=256,
+                                                                                    extra_args=("-m", "262144K")))
 
 
 def test_heartbeat_gap_finds_the_switch_and_the_counter():
@@ -53,31 +67,43 @@ def test_heartbeat_gap_finds_the_switch_and_the_counter():
 
 # ------------------------------------------------------------------ real guests
 @pytest.mark.integration
-def test_state_survives_two_migrations(image):
+def test_one_guest_moved_again_and_again(image):
+    """One boot for every case (the file runs in the default `make test`): idle, busy, unreachable, auto-converge."""
     with LiveGuest(memory=256, image=image) as g:
         first_pid = g.vm.pid
-        rows = []
-        for bw in (128, 64):
-            before = g.read_state()
-            row = g.migrate(bandwidth_mbs=bw, dirty_rate_mbs=0)
-            rows.append(row)
-            assert row["status"] == "completed" and row["converged"]
-            assert row["guest_ok"], row["guest_failure"]
-            assert row["file_kept"] and row["counter_kept"]          # the file and the counter went on
-            assert row["counter_after"] > before["counter_file"]
-            assert row["beats_lost"] == 0
-            assert row["rounds"] >= 1 and row["transferred_mb"] > 0
-            assert not alive(row["src_pid"]) and alive(row["dst_pid"])
-        assert rows[0]["dst_pid"] == rows[1]["src_pid"] != first_pid  # moved on, then moved again
-        assert g.migrations == 2 and g.read_state()["file"] == g.token
+        before = g.read_state()
+        idle = g.migrate(bandwidth_mbs=128, dirty_rate_mbs=0)
+        assert idle["status"] == "completed" and idle["converged"]
+        assert idle["guest_ok"], idle["guest_failure"]
+        assert idle["file_kept"] and idle["counter_kept"]            # the file and the counter went on
+        assert idle["counter_after"] > before["counter_file"]
+        assert idle["beats_lost"] == 0
+        assert idle["rounds"] >= 1 and idle["transferred_mb"] > 0
+        assert not alive(idle["src_pid"]) and alive(idle["dst_pid"]) and idle["src_pid"] == first_pid
+        # a guest writing 16 MiB/s of pages through live pre-copy: every one of k moves keeps it whole
+        # (without the work-around, 5 of 8 such moves delivered a broken guest here)
+        busy = [g.migrate(bandwidth_mbs=64, dirty_rate_mbs=16, fresh=True, timeout=60) for _ in range(3)]
+        assert [r["status"] for r in busy] == ["completed"] * 3
+        assert [r["rounds"] > 3 for r in busy] == [True] * 3           # the guest dirtied pages during the copy
+        assert [(r["guest_ok"], r["guest_failure"]) for r in busy] == [(True, "")] * 3
+        assert [(r["file_kept"], r["counter_kept"], r["stale_pages"]) for r in busy] == [(True, True, 0)] * 3
+        assert busy[0]["src_pid"] == idle["dst_pid"] and busy[1]["src_pid"] == busy[0]["dst_pid"]  # moved on
+        assert not alive(busy[1]["src_pid"]) and alive(busy[2]["dst_pid"])
+        assert g.lost == 0 and g.boots == 1 and g.migrations == 4 and g.read_state()["file"] == g.token
 
-
-@pytest.mark.integration
-def test_unreachable_pause_limit_is_cancelled_and_the_guest_stays(image):
-    with LiveGuest(memory=256, image=image) as g:
+        # an unreachable pause limit: cancelled, the guest stays where it was
         where = g.vm.spec.name
         row = g.migrate(bandwidth_mbs=32, dirty_rate_mbs=16, downtime_limit_ms=1, timeout=5, fresh=True)
         assert row["status"] == "cancelled" and not row["converged"]
         assert row["now_in"] == where and alive(row["src_pid"]) and not alive(row["dst_pid"])
         assert row["guest_ok"] and row["file_kept"]
         assert row["stale_pages"] == 0                  # the source's memory is the guest's: nothing lost
+        # the lesson's case: a small working set rewritten faster than the slow link sends it; QEMU throttles the
+        # vCPU and the migration completes (the time limit only stops a run that would hang)
+        row = g.migrate(bandwidth_mbs=32, later_bandwidth_mbs=4, dirty_rate_mbs=16, working_set=4, fresh=True,
+                        capabilities={"auto-converge": True}, timeout=90)
+        assert row["max_throttle_pct"] > 0
+        assert row["status"] == "completed" and row["now_in"] != where
+        assert row["guest_ok"], row["guest_failure"]
+        assert row["file_kept"] and row["counter_kept"] and row["stale_pages"] == 0
+        assert g.lost == 0 and g.boots == 1

@@ -94,12 +94,17 @@ class AsyncVM(NestedMixin, GuestMixin, WarmMixin, TracingMixin, MetricsMixin, La
     # ----------------------------------------------------------------- start
     @require(RunState.CREATED, doing="start VM {self.spec.name!r}",
              fix="create a new VM object to start another machine")
-    async def start(self, paused: bool = False, wait: bool = True) -> AsyncVM:
+    async def start(self, paused: bool = False, wait: bool = True, incoming: Optional[str] = None) -> AsyncVM:
         """Launch QEMU and (unless ``paused`` or ``wait=False``) wait for the guest agent.
 
         With ``paused=True`` the vCPUs stay stopped (QEMU's ``-S``): boot it
-        from the hypervisor side with :meth:`resume`.
+        from the hypervisor side with :meth:`resume`. With ``incoming="defer"``
+        QEMU waits for a live-migration stream (``-incoming defer``); the VM
+        stays STARTING until :func:`vmlab.vm.migrate.migrate` brings a guest in.
         """
+        if incoming is not None and incoming != "defer":
+            raise SpecError("incoming", f"{incoming!r} is not a way to receive a guest",
+                            fix='incoming="defer", then vmlab.vm.migrate.migrate(src, this_vm)')
         sweep_stale()
         t0 = time.monotonic()
         self._advance(Trigger.START)
@@ -111,6 +116,12 @@ class AsyncVM(NestedMixin, GuestMixin, WarmMixin, TracingMixin, MetricsMixin, La
             image = self._image
             if image is None:
                 image = self._image = await asyncio.get_running_loop().run_in_executor(None, ensure_image)
+            if incoming is not None:
+                # not a user setting (spec.extra_args refuses -incoming): added after validation, here only
+                self.spec = dataclasses.replace(self.spec, extra_args=(*self.spec.extra_args, "-incoming", incoming))
+                await self._launch(image, paused=False)
+                self._advance(Trigger.RESTORING)
+                return self
             snapshot = self.warm_snapshot = snapshot_path(self.spec, self.accel, image) if self.warm else None
             if snapshot is not None and snapshot.exists():
                 with contextlib.suppress(OSError):
@@ -151,6 +162,17 @@ class AsyncVM(NestedMixin, GuestMixin, WarmMixin, TracingMixin, MetricsMixin, La
             # the snapshot is an optimisation: the booted guest is fine without it
             self.accel_reason += f" (warm snapshot not saved: {exc.message})"
             self._record_event("WARM_SKIPPED", {"reason": exc.message}, source="vmlab")
+
+    def migrated_from(self, src: AsyncVM) -> None:
+        """The guest of *src* now runs in this VM (a completed :func:`vmlab.vm.migrate.migrate`): RUNNING,
+        the agent channel taken over (a guest already running sends no HELLO), both event logs told."""
+        self._advance(Trigger.RESTORED)
+        assert self._agent is not None
+        self._agent.mark_reconnected()
+        self._agent.kernel_release = src.kernel_release
+        self.boot_seconds = src.boot_seconds
+        self._record_event("MIGRATED_IN", {"from": src.spec.name}, source="vmlab")
+        src._record_event("MIGRATED_OUT", {"to": self.spec.name}, source="vmlab")
 
     # ------------------------------------------------------------ lifecycle
     @require(RunState.RUNNING, doing="pause")

@@ -16,6 +16,19 @@ left, QEMU's dirty-page rate and expected downtime, the CPU throttle of
 auto-converge. It stops at ``completed``, ``failed``, or at ``timeout``
 (then ``migrate_cancel``: the source keeps running, the destination is
 useless and should be shut down).
+
+**TCG before QEMU 9.0 loses guest writes during live pre-copy.** QEMU's fast
+path for syncing the dirty bitmap of a RAM block whose size is a multiple of
+64 pages (256 KiB: every whole number of MiB) clears the bits without putting
+TLB_NOTDIRTY back into the vCPUs' TLB entries, so later stores through those
+entries mark nothing dirty and never reach the destination (QEMU commit
+03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG memory
+access", in 9.0; the bug came with aa8dc044772, 2.x). The guest kernel's hot
+pages stay in the TLB, so it is the kernel that arrives corrupted
+(docs/migration.md has the counts). :func:`migratable_args` gives a source the
+work-around: 8 KiB more memory, so the block is not a multiple of 256 KiB and
+QEMU takes the per-page path, which does reset the TLB entries.
+:func:`migrate` refuses a live TCG migration of a source without it.
 """
 
 from __future__ import annotations
@@ -26,10 +39,16 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SpecError, VMError
+from ..tools import qemu_version
 from .machine import AsyncVM
-from .state import RunState, Trigger
+from .state import RunState
 
-__all__ = ["CAPABILITIES", "MigrationResult", "incoming_vm", "migrate"]
+__all__ = ["CAPABILITIES", "MigrationResult", "incoming_vm", "migratable_args", "migrate"]
+
+#: the first QEMU whose TCG keeps the dirty log right in live pre-copy (commit 03bfc2188f)
+TCG_DIRTY_SYNC_FIXED = (9, 0)
+#: memory added to a TCG source so that its RAM block is not a multiple of 64 pages (see the module doc)
+ODD_MEMORY_KIB = 8
 
 #: seconds between two ``staged`` parameter changes
 STAGE_GAP_S = 0.5
@@ -82,12 +101,38 @@ async def incoming_vm(src: AsyncVM, name: Optional[str] = None) -> AsyncVM:
         extra = extra[:-2]
     spec = dataclasses.replace(src.spec, extra_args=extra).with_(name=name or f"{src.spec.name}-in")
     dst = AsyncVM(spec, image=src._image, boot_timeout=src.boot_timeout)
-    # -incoming is not a user setting (spec.extra_args refuses it): added after validation, here only
-    dst.spec = dataclasses.replace(dst.spec, extra_args=(*dst.spec.extra_args, "-incoming", "defer"))
     dst.accel, dst.accel_reason = src.accel, src.accel_reason + " (migration destination)"
-    await dst.start(paused=False, wait=False)
-    dst._advance(Trigger.RESTORING)
+    await dst.start(incoming="defer")
     return dst
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+
+
+def needs_odd_memory(version: Optional[str] = None) -> bool:
+    """Whether this QEMU (default: the one vmlab runs) has the TCG dirty-log bug of live pre-copy."""
+    return _version_tuple(version or qemu_version()) < TCG_DIRTY_SYNC_FIXED
+
+
+def migratable_args(memory_mb: int, version: Optional[str] = None) -> Tuple[str, ...]:
+    """``extra_args`` for a VM that will be live-migrated: on QEMU before 9.0, ``-m`` again with 8 KiB
+    more than *memory_mb* (QEMU merges the two ``-m``; the later wins), else nothing.
+
+    The odd size makes QEMU sync the dirty bitmap page by page, resetting TCG's TLB entries as it
+    clears bits (the module doc). Harmless under KVM."""
+    if not needs_odd_memory(version):
+        return ()
+    return ("-m", f"{memory_mb * 1024 + ODD_MEMORY_KIB}K")
+
+
+def _has_odd_memory(vm: AsyncVM) -> bool:
+    """The VM's last ``-m`` in extra_args is in KiB and not a multiple of 256 KiB."""
+    extra = list(vm.spec.extra_args)
+    sizes = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "-m"]
+    if not sizes or not sizes[-1].endswith("K") or not sizes[-1][:-1].isdigit():
+        return False
+    return int(sizes[-1][:-1]) % 256 != 0
 
 
 def _caps(names: Mapping[str, bool]) -> List[Dict[str, Any]]:
@@ -116,7 +161,7 @@ async def migrate(src: AsyncVM, dst: AsyncVM, *, max_bandwidth: Optional[int] = 
 
     A paused source gives stop-and-copy: the destination is started once everything has arrived.
     ``max_bandwidth`` in bytes/s, ``downtime_limit_ms`` the pause pre-copy may
-    end with; ``capabilities`` e.g. ``{"auto-converge": True}``; with
+    end with (0: QEMU 7.2 then stops syncing the dirty log and ends after the first pass); ``capabilities`` e.g. ``{"auto-converge": True}``; with
     ``postcopy_after_s`` (needs ``"postcopy-ram"``) the migration switches to
     post-copy after that many seconds of pre-copy; ``parameters`` are more of
     ``migrate-set-parameters`` (e.g. ``{"cpu-throttle-initial": 40}``). After ``timeout`` seconds
@@ -137,7 +182,8 @@ async def migrate(src: AsyncVM, dst: AsyncVM, *, max_bandwidth: Optional[int] = 
                             fix="e.g. max_bandwidth=32 << 20 (32 MiB/s)")
         params["max-bandwidth"] = max_bandwidth
     if downtime_limit_ms is not None:
-        if not isinstance(downtime_limit_ms, int) or not 1 <= downtime_limit_ms <= 2000000:
+        if isinstance(downtime_limit_ms, bool) or not isinstance(downtime_limit_ms, int) \
+                or not 0 <= downtime_limit_ms <= 2000000:
             raise SpecError("downtime_limit_ms", f"{downtime_limit_ms!r} is not a downtime limit in ms",
                             fix="e.g. downtime_limit_ms=300 (QEMU's default)")
         params["downtime-limit"] = downtime_limit_ms
@@ -150,6 +196,11 @@ async def migrate(src: AsyncVM, dst: AsyncVM, *, max_bandwidth: Optional[int] = 
     if params:
         await src.qmp("migrate-set-parameters", **params)
     was_running = await src.status() == "running"
+    if was_running and src.accel == "tcg" and needs_odd_memory() and not _has_odd_memory(src):
+        raise VMError(f"live migration of {src.spec.name!r} under TCG with QEMU {qemu_version()} would lose guest "
+                      "writes (QEMU's dirty-log bug before 9.0, commit 03bfc2188f)",
+                      fix="start the source with extra_args=vmlab.vm.migrate.migratable_args(memory_mb), "
+                          "or pause it first (stop-and-copy)", **src._err_kw())
     sock = dst.private_dir / "migrate.sock"
     await dst.qmp("migrate-incoming", uri=f"unix:{sock}")
     t0 = time.monotonic()
@@ -218,10 +269,4 @@ async def _arrived(src: AsyncVM, dst: AsyncVM, resume: bool, timeout: float = 30
             raise VMError(f"the migrated guest did not start on the destination (QEMU status {status!r})",
                           fix="read the destination's qemu.stderr", **dst._err_kw())
         await asyncio.sleep(0.01)
-    dst._advance(Trigger.RESTORED)
-    assert dst._agent is not None
-    dst._agent.mark_reconnected()
-    dst._agent.kernel_release = src.kernel_release
-    dst.boot_seconds = src.boot_seconds
-    dst._record_event("MIGRATED_IN", {"from": src.spec.name}, source="vmlab")
-    src._record_event("MIGRATED_OUT", {"to": dst.spec.name}, source="vmlab")
+    dst.migrated_from(src)

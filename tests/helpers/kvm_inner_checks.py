@@ -6,10 +6,11 @@ asserts a part of it. Every section records its own error instead of stopping th
 
 Sections: probe (probe_kvm without its cache), vm (ONE inner guest under KVM, the disk
 experiment's IDE PIO profile, for all the rest), clock (its clocksource), exits (query-stats
-counters around port reads and idle), cpu (the CPU experiment's KVM rows), steal (steal time
+counters around port reads, port writes and idle), cpu (the CPU experiment's KVM rows), steal (steal time
 when a hog shares the vCPU thread's core: the hosted experiment's measurement), device (the
-disk experiment's row under KVM, kvm_exits and device_calls filled). The sharing experiment's
-KVM row is not here: one more inner boot (30-40 s) for the same code path as this guest's.
+disk experiment's row under KVM, kvm_exits and device_calls filled), sharing (the sharing
+experiment's step measurement on this guest: its KVM row without another inner boot), port_io
+(what ``vmbench cpu --bench port_io`` does here: user-mode port I/O traps, see docs/kvm.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any, Callable, Dict, List, Tuple
 
 REPORT: Dict[str, Any] = {}
 PORT_READS = (2048, 8192)       # bytes read from /dev/port: one inb, so one I/O exit, each
+PORT_WRITES = (1024, 4096)      # bytes written to /dev/port: one outb, so one I/O exit, each
+PORT_BASE = 8192                # ports 0x2000 up: no device there, so nothing happens but the exits
+SPIN_S = 1.5                    # the sharing job's length
 DISK_BYTES = 256 << 10          # read from the IDE disk in PIO mode
 IDLE_S = 2
 
@@ -103,9 +107,14 @@ def _exits() -> Dict[str, Any]:
     out["idle"] = {k: s1[k] - s0.get(k, 0) for k in ("exits", "io_exits", "mmio_exits", "halt_exits")}
     for n in PORT_READS:
         a = stats()
-        vm.run(f"dd if=/dev/port of=/dev/null bs=1 skip=8192 count={n} 2>/dev/null")
+        vm.run(f"dd if=/dev/port of=/dev/null bs=1 skip={PORT_BASE} count={n} 2>/dev/null")
         b = stats()
         out[f"reads_{n}"] = {k: b[k] - a.get(k, 0) for k in ("exits", "io_exits", "mmio_exits", "halt_exits")}
+    for n in PORT_WRITES:
+        a = stats()
+        vm.run(f"dd if=/dev/zero of=/dev/port bs=1 seek={PORT_BASE} count={n} 2>/dev/null")
+        b = stats()
+        out[f"writes_{n}"] = {k: b[k] - a.get(k, 0) for k in ("exits", "io_exits", "mmio_exits", "halt_exits")}
     out["names"] = sorted(s1)
     return out
 
@@ -139,6 +148,23 @@ def _steal() -> Dict[str, Any]:
         finally:
             hog.stop()
     return out
+
+
+@section("sharing")
+def _sharing() -> Dict[str, Any]:
+    # the sharing experiment's step (vmbench spin in every VM at once, what the host saw) on this guest
+    from vmlab.experiments import sharing
+    df = sharing.run_on([with_vm["vm"]], seconds=SPIN_S)
+    return {"rows": json.loads(df.to_json(orient="records"))}
+
+
+@section("port_io")
+def _port_io() -> Dict[str, Any]:
+    # vmbench's port_io benchmark: ioperm, then inb from port 0x80 in user mode (docs/kvm.md: why it traps here)
+    vm = with_vm["vm"]
+    res = vm.run("vmbench cpu --bench port_io --repeats 1 --scale 0.01", check=False)
+    traps = [ln for ln in vm.run("dmesg").stdout.splitlines() if "traps: vmbench" in ln]
+    return {"status": res.status, "stdout": res.stdout[-500:], "stderr": res.stderr[-500:], "traps": traps[-3:]}
 
 
 @section("device")

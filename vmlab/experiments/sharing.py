@@ -94,48 +94,57 @@ async def _step(n: int, seconds: float, *, image: Optional[GuestImage], memory: 
             await asyncio.gather(*(v.start() for v in vms[1:]))
         result["start_s"] = time.monotonic() - t0
         result["warm_restored"] = sum(v.warm_restored for v in vms)
-        result["kernel"] = vms[0].kernel_release or (await vms[0].run("uname -r")).stdout.strip()
-        result["accel_used"] = vms[0].accel
-        qpids = [qemu_pid(v) for v in vms]
-        vcpu = []
-        for v in vms:
-            cpus = await v.qmp("query-cpus-fast")
-            vcpu.append(int(cpus[0]["thread-id"]))
-        cpu0 = [_proc_cpu(p, t) for p, t in zip(qpids, vcpu, strict=False)]
-        emit({"kind": "status", "message": f"{n} VM(s): running vmbench spin --seconds {seconds:g} in all"})
-        go = time.monotonic()
-
-        async def job(i: int, v: AsyncVM) -> Dict[str, Any]:
-            started = time.monotonic() - go
-            res = await v.run(f"vmbench spin --seconds {seconds}", timeout=seconds * 10 + 60)
-            out = json.loads(res.stdout.strip().splitlines()[-1])
-            row = {"kind": "vm", "vms": n, "vm": i, "pid": v.pid, "started": started,
-                   "ops_per_s": out["ops_per_s"], "guest_user_s": out["user_s"],
-                   "steal_ticks": out.get("steal_ticks"), "wall_s": res.wall_s,
-                   "vcpu_host_cpu_s": _proc_cpu(qpids[i], vcpu[i]) - cpu0[i],
-                   "rss_mb": rss_bytes(qpids[i]) / 2**20, "boot_s": v.boot_seconds,
-                   "warm": v.warm_restored}
-            emit(row)
-            return row
-
-        rows = await asyncio.gather(*(job(i, v) for i, v in enumerate(vms)))
-        wall = time.monotonic() - go
-        ops = [r["ops_per_s"] for r in rows]
-        rss = sum(rss_bytes(p) for p in qpids) / 2**20
-        pss = sum(pss_bytes(p) for p in qpids) / 2**20
-        cpu = sum(r["vcpu_host_cpu_s"] for r in rows)
-        done = sum(r["ops_per_s"] * seconds for r in rows)
-        result.update({"per_vm_ops_s": statistics.median(ops), "per_vm_min_ops_s": min(ops),
-                       "per_vm_max_ops_s": max(ops), "total_ops_s": sum(ops),
-                       "host_rss_mb": rss, "host_pss_mb": pss, "guest_mem_mb": n * memory,
-                       "vcpu_cpu_s": cpu, "cores_used": cpu / wall if wall > 0 else float("nan"),
-                       "ops_per_cpu_s": done / cpu if cpu > 0 else float("nan"),
-                       "job_wall_s": wall,
-                       "steal_ticks": sum(r["steal_ticks"] or 0 for r in rows)})
+        result.update(await _job(vms, seconds, emit))
     finally:
         pids = [v.pid for v in vms]
         await asyncio.gather(*(v.shutdown(timeout=10) for v in vms), return_exceptions=True)
         result["vms_left_running"] = sum(_alive(p) for p in pids)
+    return result
+
+
+async def _job(vms: Sequence[AsyncVM], seconds: float, emit: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+    """Run ``vmbench spin`` in all the (started) VMs at the same moment: the step's measurement."""
+    n = len(vms)
+    result: Dict[str, Any] = {}
+    result["kernel"] = vms[0].kernel_release or (await vms[0].run("uname -r")).stdout.strip()
+    result["accel_used"] = vms[0].accel
+    qpids = [qemu_pid(v) for v in vms]
+    vcpu = []
+    for v in vms:
+        cpus = await v.qmp("query-cpus-fast")
+        vcpu.append(int(cpus[0]["thread-id"]))
+    cpu0 = [_proc_cpu(p, t) for p, t in zip(qpids, vcpu, strict=False)]
+    emit({"kind": "status", "message": f"{n} VM(s): running vmbench spin --seconds {seconds:g} in all"})
+    go = time.monotonic()
+
+    async def job(i: int, v: AsyncVM) -> Dict[str, Any]:
+        started = time.monotonic() - go
+        res = await v.run(f"vmbench spin --seconds {seconds}", timeout=seconds * 10 + 60)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        row = {"kind": "vm", "vms": n, "vm": i, "pid": v.pid, "started": started,
+               "ops_per_s": out["ops_per_s"], "guest_user_s": out["user_s"],
+               "steal_ticks": out.get("steal_ticks"), "wall_s": res.wall_s,
+               "vcpu_host_cpu_s": _proc_cpu(qpids[i], vcpu[i]) - cpu0[i],
+               "rss_mb": rss_bytes(qpids[i]) / 2**20, "boot_s": v.boot_seconds,
+               "warm": v.warm_restored}
+        emit(row)
+        return row
+
+    rows = await asyncio.gather(*(job(i, v) for i, v in enumerate(vms)))
+    wall = time.monotonic() - go
+    ops = [r["ops_per_s"] for r in rows]
+    rss = sum(rss_bytes(p) for p in qpids) / 2**20
+    pss = sum(pss_bytes(p) for p in qpids) / 2**20
+    cpu = sum(r["vcpu_host_cpu_s"] for r in rows)
+    done = sum(r["ops_per_s"] * seconds for r in rows)
+    result.update({"per_vm_ops_s": statistics.median(ops), "per_vm_min_ops_s": min(ops),
+                   "per_vm_max_ops_s": max(ops), "total_ops_s": sum(ops),
+                   "host_rss_mb": rss, "host_pss_mb": pss,
+                   "guest_mem_mb": sum(int(v.spec.memory_mb) for v in vms),
+                   "vcpu_cpu_s": cpu, "cores_used": cpu / wall if wall > 0 else float("nan"),
+                   "ops_per_cpu_s": done / cpu if cpu > 0 else float("nan"),
+                   "job_wall_s": wall,
+                   "steal_ticks": sum(r["steal_ticks"] or 0 for r in rows)})
     return result
 
 
@@ -189,19 +198,57 @@ def run(quick: bool = False, progress: Progress = None, *, counts: Optional[Sequ
         for n in counts:
             res = _drive(_step(n, seconds, image=image, memory=memory, accel=accel, warm=warm,
                                emit=q.put), on_item, q)
-            if not rows.where:
-                rows.where = where(res.pop("accel_used"), res.get("kernel"))
-            res.pop("accel_used", None)
-            res.pop("kernel", None)
-            first = {k: res.pop(k) for k in ("vms", "per_vm_ops_s", "total_ops_s", "host_rss_mb")}
-            row = rows.add(**first, **res, seconds=seconds, memory_mb=memory,
-                           host_cores=len(os.sched_getaffinity(0)))
-            say(progress, f"{n} VM(s): {row['per_vm_ops_s'] / 1e6:.0f} M ops/s each, "
-                          f"{row['total_ops_s'] / 1e6:.0f} M ops/s in total, "
-                          f"{row['host_rss_mb']:.0f} MiB RSS (started in {row['start_s']:.2f} s)")
-            if on_row:
-                on_row({"kind": "step", **row})
+            _add_row(rows, res, seconds, memory, progress, on_row)
     return rows.frame()
+
+
+def run_on(vms: Sequence[Any], seconds: float = 2.0, progress: Progress = None, *,
+           on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> pd.DataFrame:
+    """The step's measurement on VMs already running (``VM`` or ``AsyncVM``), which stay running: one row.
+
+    For a row where every boot is dear (vmlab inside a nested guest, where a KVM boot takes 20 s): the
+    same job and columns as :func:`run`, but ``start_s`` is the slowest VM's boot and there is no
+    ``vms_left_running`` (the caller shuts them down).
+    """
+    avms = [getattr(v, "_avm", v) for v in vms]
+    if not avms or not all(isinstance(v, AsyncVM) and v.agent_ready for v in avms):
+        raise SpecError("vms", f"{vms!r} is not a list of started VMs", fix="vm.start() each VM first")
+    memory = avms[0].spec.memory_mb
+    _check([len(avms)], seconds, memory)
+    rows = Rows(NAME)
+    q: queue.Queue = queue.Queue()
+
+    def on_item(item: Dict[str, Any]) -> None:
+        if item.get("kind") == "status":
+            say(progress, item["message"])
+        elif on_row:
+            on_row(item)
+
+    async def step() -> Dict[str, Any]:
+        res = {"vms": len(avms), "start_s": max(v.boot_seconds or 0.0 for v in avms),
+               "warm_restored": sum(v.warm_restored for v in avms)}
+        res.update(await _job(avms, seconds, q.put))
+        return res
+
+    with rows.guard():
+        _add_row(rows, _drive(step(), on_item, q), seconds, memory, progress, on_row)
+    return rows.frame()
+
+
+def _add_row(rows: Rows, res: Dict[str, Any], seconds: float, memory: int, progress: Progress,
+             on_row: Optional[Callable[[Dict[str, Any]], None]]) -> None:
+    """The step's summary row: where it ran, then the step's figures."""
+    if not rows.where:
+        rows.where = where(res.pop("accel_used"), res.get("kernel"))
+    res.pop("accel_used", None)
+    res.pop("kernel", None)
+    first = {k: res.pop(k) for k in ("vms", "per_vm_ops_s", "total_ops_s", "host_rss_mb")}
+    row = rows.add(**first, **res, seconds=seconds, memory_mb=memory, host_cores=len(os.sched_getaffinity(0)))
+    say(progress, f"{first['vms']} VM(s): {row['per_vm_ops_s'] / 1e6:.0f} M ops/s each, "
+                  f"{row['total_ops_s'] / 1e6:.0f} M ops/s in total, "
+                  f"{row['host_rss_mb']:.0f} MiB RSS (started in {row['start_s']:.2f} s)")
+    if on_row:
+        on_row({"kind": "step", **row})
 
 
 # --------------------------------------------------------------------------- plots

@@ -258,7 +258,7 @@ def run_cell(page, i: int) -> None:
 
 def error_outputs(page) -> List[str]:
     loc = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-    return [loc.nth(i).inner_text() for i in range(loc.count())]
+    return [loc.nth(i).evaluate("(e) => e.textContent") for i in range(loc.count())]
 
 
 def test_index_lesson_in_jupyterlab(browser, lab):
@@ -465,7 +465,8 @@ def test_every_widget_in_jupyterlab(browser, lab):
         page.locator(".jp-Cell").nth(9).screenshot(path=str(SHOTS / "lab-sharing.png"))
         assert page.locator("img.vmlab-balloon-plot").count() == 1, "the balloon's plot is still there"
         run_cell(page, 10)
-        assert error_outputs(page) == []
+        errors = error_outputs(page)
+        assert errors == [], "\n".join(errors)
     finally:
         page.close()
     assert offsite(reqs) == []

@@ -23,7 +23,17 @@ import pytest
 
 from vmlab import MachineSpec
 from vmlab.errors import SpecError
-from vmlab.vm.inner import HOST, INNER, TCG_INNER_CPU, inner_command, inner_env, inner_spec, run_inside, setup_script
+from vmlab.vm.inner import (
+    HOST,
+    INNER,
+    TCG_INNER_CPU,
+    host_tmp_dirs,
+    inner_command,
+    inner_env,
+    inner_spec,
+    run_inside,
+    setup_script,
+)
 from vmlab.vm.qemu import build_launch, kernel_cmdline
 
 CHECKS = Path(__file__).resolve().parent / "helpers" / "kvm_inner_checks.py"
@@ -67,6 +77,17 @@ def test_the_inner_run_mounts_the_host_read_only_and_writes_only_to_its_own_disk
     assert env["VMLAB_ACCEL"] == "kvm" and env["VMLAB_CACHE"].startswith(INNER + "/")
     words = shlex.split(inner_command(["-m", "vmlab", "doctor"], env).split("&&", 1)[1])
     assert words[:4] == ["chroot", HOST, "/usr/bin/env", "-i"] and words[-3:] == ["-m", "vmlab", "doctor"]
+
+
+def test_what_the_run_needs_from_the_hosts_tmp_is_bound_back_over_the_scratch_disk():
+    # a clone or a venv under /tmp (as CI's clean clone) is hidden by the chroot's scratch /tmp: bound back
+    assert host_tmp_dirs(["/tmp/ci5/.venv", "/tmp/ci5", "/root/.cache/vmlab", "/tmp", "/tmpx/a"]) == ["/tmp/ci5"]
+    from vmlab.image import ensure_image
+    lines = setup_script(ensure_image(), ["/tmp/ci5"]).splitlines()
+    scratch = next(i for i, line in enumerate(lines) if f"mount -t ext4 /dev/vda {HOST}/tmp" in line)
+    keep = next(i for i, line in enumerate(lines) if f"mount -o bind {HOST}/tmp /hosttmp" in line)
+    bind = next(i for i, line in enumerate(lines) if f"mount -o bind /hosttmp/ci5 {HOST}/tmp/ci5" in line)
+    assert keep < scratch < bind         # the host's /tmp kept aside, then hidden, then the clone bound back
 
 
 def test_sharing_run_on_needs_started_vms():

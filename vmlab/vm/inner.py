@@ -49,8 +49,19 @@ from ..tools import qemu_version
 from .qemu import HOST_ROOT_TAG
 from .sync import VM, kvm_verdict
 
-__all__ = ["HOST", "INNER", "MEMORY_MB", "TCG_INNER_CPU", "CompletedRun", "inner_command", "inner_env", "inner_spec",
-           "run_inside", "setup_script"]
+__all__ = [
+    "HOST",
+    "INNER",
+    "MEMORY_MB",
+    "TCG_INNER_CPU",
+    "CompletedRun",
+    "host_tmp_dirs",
+    "inner_command",
+    "inner_env",
+    "inner_spec",
+    "run_inside",
+    "setup_script",
+]
 
 log = get_logger(__name__)
 
@@ -123,10 +134,27 @@ def _host_cache_links(image: GuestImage) -> List[str]:
     return lines
 
 
-def setup_script(image: GuestImage) -> str:
+def host_tmp_dirs(paths: Optional[Sequence[str]] = None) -> List[str]:
+    """The directories right under the host's /tmp that the inner run needs: the interpreter's prefix, this
+    vmlab's source, the image cache (a clone or a cache under /tmp, as in CI). The chroot's /tmp is the scratch
+    disk, which hides the host's /tmp, so :func:`setup_script` binds these back (read-only, as all of /host)."""
+    if paths is None:
+        paths = [sys.prefix, str(Path(__file__).resolve().parents[2]), str(config.cache_dir())]
+    tops = set()
+    for p in paths:
+        parts = Path(os.path.abspath(p)).parts            # ('/', 'tmp', 'ci5', ...)
+        if len(parts) > 2 and parts[1] == "tmp":
+            tops.add("/tmp/" + parts[2])
+    return sorted(tops)
+
+
+def setup_script(image: GuestImage, tmp_dirs: Optional[Sequence[str]] = None) -> str:
     """Shell run in the nested guest: mount the host's root read-only on /host, give the chroot
-    /proc, /sys, /dev, a writable /tmp (the scratch disk, ext4) and /run (tmpfs), link the inner cache
-    to the host's."""
+    /proc, /sys, /dev, a writable /tmp (the scratch disk, ext4, with the host's /tmp directories the run
+    needs bound back: :func:`host_tmp_dirs`) and /run (tmpfs), link the inner cache to the host's."""
+    q = shlex.quote
+    binds = [f"mkdir -p {HOST}{q(d)} && {{ mounted {HOST}{q(d)} || mount -o bind /hosttmp{q(d[4:])} {HOST}{q(d)}; }}"
+             for d in (host_tmp_dirs() if tmp_dirs is None else tmp_dirs)]
     lines = ["set -e",
              'mounted() { grep -q " $1 " /proc/mounts; }',
              f"mkdir -p {HOST}",
@@ -134,8 +162,11 @@ def setup_script(image: GuestImage) -> str:
              f"mounted {HOST}/proc || mount -t proc proc {HOST}/proc",
              f"mounted {HOST}/sys || mount -t sysfs sysfs {HOST}/sys",
              f"mounted {HOST}/dev || mount -o bind /dev {HOST}/dev",
+             "mkdir -p /hosttmp",          # the host's /tmp, before the scratch disk hides it (one 9p mount per tag)
+             f"mounted /hosttmp || mount -o bind {HOST}/tmp /hosttmp",
              f"mounted {HOST}/tmp || {{ chroot {HOST} /sbin/mkfs.ext4 -q -F {SCRATCH_DEV} && "
              f"mount -t ext4 {SCRATCH_DEV} {HOST}/tmp && chmod 1777 {HOST}/tmp; }}",
+             *binds,
              f"mounted {HOST}/run || mount -t tmpfs -o mode=0755 tmpfs {HOST}/run",
              f"test -c {HOST}/dev/kvm",
              *_host_cache_links(image)]

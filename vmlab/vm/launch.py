@@ -200,8 +200,30 @@ class LaunchMixin(VMCore):
         await asyncio.sleep(0)
         self._advance(Trigger.EXITED if self._closing or code == 0 else Trigger.CRASHED)
         self._record_event("EXIT", {"exit_code": code}, source="vmlab")
+        await self._end_qmp_after_exit()
         assert self._exited is not None
         self._exited.set()
+
+    async def _end_qmp_after_exit(self) -> None:
+        """QEMU is gone and its last events are recorded: collect QMP's end of file and stop the event pump now.
+        Left for later (a VM whose QEMU exited and that nobody shuts down), asyncio prints "Task was destroyed
+        but it is pending! ... vmlab-events" and QMP's EOFError whenever the VM object is collected, into
+        whatever notebook cell runs then. QMP calls after this raise VMDied, as before."""
+        if self._qmp is not None:
+            try:
+                await asyncio.wait_for(self._qmp.disconnect(), 2)
+            except Exception as exc:      # the reader's EOFError, collected here on purpose
+                log.debug("%s: disconnecting QMP after exit: %r", self.spec.name, exc)
+        pumps = [t for t in self._tasks if t.get_name() == "vmlab-events" and t is not asyncio.current_task()]
+        self._tasks = [t for t in self._tasks if t not in pumps]
+        for t in pumps:
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:
+                log.debug("%s: the event pump ended with %r", self.spec.name, exc)
 
     def _on_bye(self, why: str) -> None:
         self._record_event("GUEST_BYE", {"reason": why}, source="agent")

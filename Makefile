@@ -104,9 +104,9 @@ lab: setup workspace
 TEST_JOBS ?= 2
 test: setup system-test classroom-deps
 	@rc=0; \
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not long and not serial" $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not long and not serial" --durations=15 $(PYTEST_ARGS) || rc=$$?; \
 	[ $$rc = 5 ] && rc=0; rc2=0; \
-	$(PY) -m pytest -m "serial and not long" $(PYTEST_ARGS) || rc2=$$?; \
+	$(PY) -m pytest -m "serial and not long" --durations=5 $(PYTEST_ARGS) || rc2=$$?; \
 	[ $$rc2 = 5 ] && rc2=0; \
 	echo "make test: parallel pass exit $$rc, serial pass exit $$rc2"; [ $$rc = 0 ] && [ $$rc2 = 0 ]
 

@@ -431,11 +431,13 @@ def test_every_widget_in_jupyterlab(browser, lab):
         sel = page.locator(".vmlab-contrast select").first
         sel.select_option(["ide-pio", "virtio-blk"])
         page.locator("button.vmlab-contrast-run").first.click()
-        page.wait_for_function("() => { const o = document.querySelector('.vmlab-contrast-output');"
-                               " return o && (/failed/.test(o.innerText) || o.querySelectorAll('img').length >= 2); }",
-                               timeout=GUARD)
+        # the widget says done or failed (with the error and its fix) in its status line; the plots go to its output
+        page.wait_for_function("() => { const s = document.querySelector('.vmlab-contrast-status');"
+                               " return s && /done|failed|choose/.test(s.innerText); }", timeout=GUARD)
+        status = page.locator(".vmlab-contrast-status").first.inner_text()
         out = page.locator(".vmlab-contrast-output").first.inner_text()
-        assert "failed" not in out, out
+        assert "done" in status, f"{status}\n{out}"
+        assert page.locator(".vmlab-contrast-output img").count() >= 2, out
         shot(page, "lab-device-widget")
 
         # the device race

@@ -146,8 +146,6 @@ def test_korean_notebooks_have_the_english_code_cells(built):
 def test_korean_notebooks_say_korean_and_never_ship_english_silently(built):
     for rel in built.notebooks:
         nb = nbformat.read(str(built.out / rel), as_version=4)
-        if rel.startswith("glossary"):
-            continue      # bilingual already: copied as it is
         assert nb.metadata["language"] == "ko" and nb.metadata["vmlab"]["lang"] == "ko", rel
         status = i18n.cell_status(nbformat.read(str(NB_DIR / rel), as_version=4),
                                   i18n.notebook_translations(NB_DIR / rel))

@@ -7,8 +7,8 @@
 
 A Korean notebook has the English notebook's cells, in order, with the same ids; code cells are the same, markdown
 cells are the translation (``vmlab/locale/ko/notebooks/<stem>.toml``), the generated nav and course-map cells are
-generated here in Korean, and the metadata says ``language: ko`` (and ``vmlab.lang``). Other notebooks (the
-glossary, English with the Korean terms) are copied as they are. A cell whose translation is
+generated here in Korean, and the metadata says ``language: ko`` (and ``vmlab.lang``). The glossary
+(``glossary/Glossary.ipynb``) is translated the same way. A cell whose translation is
 missing or stale is shipped in English under a visible Korean notice saying so, never silently; ``--strict`` makes
 that an error, and tests/test_i18n.py fails on it. The edition folder carries a ``.vmlab-edition`` file, so a kernel
 started there (JupyterLab, Voila) speaks Korean without ``VMLAB_LANG``.
@@ -143,7 +143,7 @@ def build(source: Path = lessons.NOTEBOOKS, out: Optional[Path] = None, language
             nb, i18n.notebook_translations(src, language, locale), language)
         assert [(c.get("id"), c.cell_type) for c in nb.cells] == [(c.get("id"), c.cell_type) for c in english.cells]
         built[src.relative_to(source)] = nb
-    for src in sorted(source.rglob("*.ipynb")):     # the glossary: bilingual already, copied as it is
+    for src in sorted(source.rglob("*.ipynb")):     # any other notebook: copied as it is
         rel = src.relative_to(source)
         if rel not in built and ".ipynb_checkpoints" not in rel.parts and rel.parts[0] != "demo":
             built[rel] = lessons._read(src)

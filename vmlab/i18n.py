@@ -162,10 +162,10 @@ def translatable(nb: Any) -> List[Any]:
 
 
 def notebooks(directory: Path = NOTEBOOKS) -> List[Path]:
-    """The translated notebooks: the numbered lessons and the dashboards in ``demo/``."""
+    """The translated notebooks: the numbered lessons, the dashboards in ``demo/`` and the glossary."""
     directory = Path(directory)
     lessons = sorted(p for p in directory.glob("*.ipynb") if NUMBERED.match(p.name))
-    return lessons + sorted((directory / "demo").glob("*.ipynb"))
+    return lessons + sorted((directory / "demo").glob("*.ipynb")) + sorted((directory / "glossary").glob("*.ipynb"))
 
 
 def notebook_key(path: Path) -> str:

@@ -71,12 +71,10 @@ def run_nested(name: str, quick: bool = False, progress: Progress = None, *,
                timeout: float = NESTED_TIMEOUT) -> pd.DataFrame:
     """Run experiment ``name`` inside a nested guest under real KVM; its rows, each stamped with the
     outer host (``outer_*``) and ``ran`` ("nested KVM in a TCG guest"). ``df.attrs["nested"]`` has the
-    timings, the options of the run (quick: :data:`NESTED_QUICK`) and where it ran."""
+    timings, the options of the run (quick: :data:`NESTED_QUICK`) and where it ran. ``name`` is checked by
+    the caller, :func:`vmlab.experiments.run_experiment` (this module does not import its package: no circle)."""
     import pandas as pd
 
-    from . import REGISTRY
-    if name not in REGISTRY:
-        raise SpecError("experiment", f"unknown experiment {name!r}", fix="one of: " + ", ".join(REGISTRY))
     options = NESTED_QUICK.get(name, {}) if quick else {}
     argv = ["-c", INNER_PROGRAM, name, "quick" if quick else "full", json.dumps(options)]
     say(progress, f"{name}: booting a nested guest with the host's files read-only; vmlab runs inside it "

@@ -24,7 +24,8 @@ from vmlab import image as vi
 from vmlab.config import cache_dir
 from vmlab.errors import ImageError, SetupError
 from vmlab.image import util as image_util
-from vmlab.image.elf import XZ_MAGIC, elf_info
+from vmlab.image.cpio import LZ4_LEGACY_MAGIC
+from vmlab.image.elf import XZ_MAGIC, elf_info, trim_zero_tails
 from vmlab.image.guesttools import check_static
 from vmlab.image.modules import module_closure
 from vmlab.image.util import sha256_file
@@ -197,6 +198,42 @@ def test_extract_vmlinux_finds_the_elf_xz_stream(tmp_path):
     assert not (tmp_path / "out3").exists()
 
 
+def _load_segments(path: Path) -> list[tuple[int, int, int]]:
+    """(p_offset, p_filesz, p_memsz) of each PT_LOAD of an ELF64-LE file."""
+    data = path.read_bytes()
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    rows = [struct.unpack_from("<IIQQQQQQ", data, phoff + i * phentsize) for i in range(phnum)]
+    return [(r[2], r[5], r[6]) for r in rows if r[0] == 1]
+
+
+def test_trim_zero_tails_stores_no_zeros_and_keeps_the_guest_memory(tmp_path):
+    """Each PT_LOAD stops at its last non-zero byte (page-rounded); p_memsz, the bytes and the rest stay."""
+    code = b"\x90" * 5000 + bytes(3 * 4096)              # 5000 bytes of code, then 12 KiB of stored zeros
+    data = b"\x01" + bytes(100) + b"\x02"                 # ends in a non-zero byte: nothing to trim
+    phoff, off1 = 64, 4096
+    off2 = off1 + len(code)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+            + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, phoff, 0, 0, 64, 56, 3, 64, 0, 0))
+    ph = (struct.pack("<IIQQQQQQ", 1, 5, off1, 0x1000000, 0x1000000, len(code), len(code) + 65536, 4096)
+          + struct.pack("<IIQQQQQQ", 1, 6, off2, 0x2000000, 0x2000000, len(data), len(data), 4096)
+          + struct.pack("<IIQQQQQQ", 4, 4, 0, 0, 0, 0, 0, 4))
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes((ehdr + ph).ljust(off1, b"\0") + code + data)
+    before = elf.read_bytes()
+
+    assert trim_zero_tails(elf, dry_run=True) == len(code) - 8192 and elf.read_bytes() == before
+    assert trim_zero_tails(elf) == len(code) - 8192
+    assert _load_segments(elf) == [(off1, 8192, len(code) + 65536), (off2, len(data), len(data))]
+    after = elf.read_bytes()
+    assert len(after) == len(before) and after[phoff + 3 * 56:] == before[phoff + 3 * 56:]
+    assert trim_zero_tails(elf) == 0, "a second pass finds nothing left to trim"
+
+    text = tmp_path / "not-elf"
+    text.write_bytes(b"hello" + bytes(9000))
+    assert trim_zero_tails(text) == 0 and text.read_bytes() == b"hello" + bytes(9000)
+
+
 def test_dynamic_busybox_is_refused():
     with pytest.raises(SetupError) as ei:
         check_static(Path("/bin/ls"))
@@ -277,12 +314,16 @@ def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
     assert img.kernel_version == "6.0.0-fake"
     assert img.root == cache_dir() / "images" / img.key
     m = json.loads((img.root / "manifest.json").read_text())
-    assert m["outputs"]["initrd.cpio"]["size"] == img.initrd.stat().st_size
+    assert m["outputs"]["initrd.cpio"]["size"] == img.cpio.stat().st_size
+    assert m["outputs"]["initrd.lz4"]["size"] == img.initrd.stat().st_size < img.cpio.stat().st_size
+    assert img.initrd.name == "initrd.lz4" and img.initrd.read_bytes()[:4] == LZ4_LEGACY_MAGIC
+    lz4 = subprocess.run(["lz4", "-dc", str(img.initrd)], capture_output=True, check=True).stdout
+    assert lz4 == img.cpio.read_bytes(), "initrd.lz4 holds exactly the cpio"
     assert m["modules"] == [] and "virtio_pci" in m["modules_missing"]
     assert stat.S_IMODE(img.root.stat().st_mode) == 0o700
     assert stat.S_IMODE(img.initrd.stat().st_mode) == 0o600
 
-    names = {e["name"]: e for e in vi.read_cpio(img.initrd)}
+    names = {e["name"]: e for e in vi.read_cpio(img.cpio)}
     for must in ("init", "bin/busybox", "bin/sh", "bin/modprobe", "bin/vmagent", "bin/vmbench",
                  "dev/console", "dev/null", "etc/passwd", "etc/hostname",
                  "etc/vmlab/manifest.json", "proc", "sys", "tmp", "sbin", "usr/bin"):
@@ -312,7 +353,7 @@ def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
     msgs.clear()
     again = vi.ensure_image(guest_dir=g, progress=msgs.append)
     assert any("damaged" in s for s in msgs), msgs
-    assert sha256_file(again.initrd) == again.manifest["outputs"]["initrd.cpio"]["sha256"]
+    assert sha256_file(again.initrd) == again.manifest["outputs"]["initrd.lz4"]["sha256"]
 
     st = vi.image_status(guest_dir=g)
     assert st["built"] and st["key"] == img.key and st["problems"] == []

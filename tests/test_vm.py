@@ -4,6 +4,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,23 @@ def test_boot_run_files_and_shutdown(vm, tmp_path):
     assert vm.copy_out("/tmp/in.txt", tmp_path / "out.txt").read_text() == "hello"
     assert "vmlab-init: starting agent" in vm.console_text()
     assert oct(vm.private_dir.stat().st_mode & 0o777) == "0o700"
+
+
+def test_the_guest_boots_what_the_image_and_the_fast_settings_say(vm, image):
+    """The compressed initramfs is what QEMU loaded, every skipped initcall is skipped, tracefs is empty."""
+    from vmlab.image.elf import trim_zero_tails
+    from vmlab.vm.qemu import SKIPPED_INITCALLS
+
+    dmesg = vm.run("dmesg").stdout
+    freed = [int(x) for x in re.findall(r"Freeing initrd memory: (\d+)K", dmesg)]
+    lz4_pages = -(-image.initrd.stat().st_size // 4096)
+    assert image.initrd.name == "initrd.lz4" and freed == [lz4_pages * 4], (freed, lz4_pages)
+    assert sorted(set(re.findall(r"initcall (\S+) blacklisted", dmesg))) == sorted(SKIPPED_INITCALLS)
+    assert trim_zero_tails(image.kernel, dry_run=True) == 0, "the image's vmlinux stores no zero tails"
+    vm.run("mkdir -p /run/t && mount -t tracefs none /run/t")
+    found = vm.run("find /run/t | wc -l; test -e /run/t/events && echo events || true").stdout.split()
+    assert found[1:] == [] and int(found[0]) < 100, f"tracefs was populated ({found}; ~9,700 files when it is)"
+    vm.run("umount /run/t")
 
 
 def test_run_timeout_and_concurrent_commands(vm):

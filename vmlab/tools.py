@@ -36,6 +36,7 @@ PACKAGES: dict[str, str] = {
     "dpkg-deb": "dpkg",
     "e2fsck": "e2fsprogs",
     "gcc": "gcc libc6-dev",
+    "lz4": "lz4",
     "mke2fs": "e2fsprogs",
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",

@@ -4,13 +4,17 @@ What it makes, in ``cache_dir()/images/<key>/``:
 
 ``vmlinux``
     the uncompressed kernel (an ELF with a PVH note), so QEMU can boot it with
-    ``-kernel`` directly (no firmware decompression step: ~3 s instead of ~12 s).
+    ``-kernel`` directly (no firmware decompression step: ~3 s instead of ~12 s); its segments
+    store no zero tails (QEMU zero-fills ``p_memsz``, and keeps less of the file mapped).
 ``initrd.cpio``
     an uncompressed "newc" cpio (deterministic: sorted entries, mtime 0, uid/gid 0,
     sequential inode numbers) holding busybox, the guest ``/init``, the guest tools
     (``/bin/vmagent``, ``/bin/vmbench``) and the kernel modules of ``guest/modules.txt``
     with their dependency closure (plus a ``modules.dep`` so busybox ``modprobe`` resolves
     dependencies in the guest).
+``initrd.lz4``
+    the same cpio compressed with ``lz4 -l``: what QEMU boots (``GuestImage.initrd``; the cpio
+    is ``GuestImage.cpio``). Smaller in QEMU's memory and in the guest's (docs/boot.md).
 ``manifest.json``
     what went in (kernel package and version, busybox, modules included and
     missing, gcc, sizes and sha256 of the outputs, build seconds).

@@ -5,7 +5,8 @@ sources directory, gcc), so a second call only hashes a few small files and retu
 cached image (well under a second). Steps of a build, in a private temp dir under the
 images dir: extract the kernel package and run depmod; build the root file system (fails
 fast on a missing required module); decompress the kernel to ``vmlinux`` and check its PVH
-note; write ``initrd.cpio``; write the manifest; rename into place.
+note and stop storing its zero tails; write ``initrd.cpio`` and the ``initrd.lz4`` QEMU boots; write the
+manifest; rename into place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .. import config
 from ..errors import ImageError
 from ..tools import need_tool, run_tool
 from .cache import (
+    OUTPUTS,
     GuestImage,
     build_lock,
     check_cached,
@@ -33,8 +35,8 @@ from .cache import (
     prune_images,
     remove_leftovers,
 )
-from .cpio import CpioEntry, write_cpio
-from .elf import elf_info, extract_vmlinux
+from .cpio import CpioEntry, compress_lz4, write_cpio
+from .elf import elf_info, extract_vmlinux, trim_zero_tails
 from .guesttools import check_guest_dir, find_busybox, gcc_version
 from .kernel import KernelSource, resolve_kernel
 from .modules import depmod, prepare_modules_dir, signatures_enforced
@@ -42,7 +44,9 @@ from .rootfs import build_rootfs
 from .util import Progress, cached_sha256, resolve_guest_dir, rmtree, say, sha256_file, umask, write_json
 
 #: Bump when the builder changes what it produces; it is part of every key.
-BUILDER_VERSION = "vmlab-image-3"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped
+BUILDER_VERSION = "vmlab-image-4"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped;
+# 4: vmlinux's zero tails not stored, initrd.lz4 booted
+
 
 #: device nodes every initramfs gets (creating them as files needs root)
 DEVICE_NODES = (CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
@@ -205,15 +209,17 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
                          "with -kernel",
                          fix="use Debian's kernel (unset VMLAB_KERNEL) or build the kernel "
                              "with CONFIG_PVH=y")
+    manifest["vmlinux_zeros_not_stored"] = trim_zero_tails(vmlinux)
 
-    say(progress, "writing initrd.cpio")
-    initrd = out / "initrd.cpio"
-    n = write_cpio(rootfs, initrd, extra=DEVICE_NODES)
-    for p in (vmlinux, initrd):
+    say(progress, "writing initrd.cpio and initrd.lz4")
+    cpio = out / "initrd.cpio"
+    n = write_cpio(rootfs, cpio, extra=DEVICE_NODES)
+    compress_lz4(cpio, out / "initrd.lz4")
+    files = [out / name for name in OUTPUTS]
+    for p in files:
         p.chmod(0o600)
     manifest["initrd_entries"] = n
-    manifest["outputs"] = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                           for p in (vmlinux, initrd)}
+    manifest["outputs"] = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     manifest["build_seconds"] = round(time.monotonic() - t0, 2)
     write_json(out / "manifest.json", manifest)
     out.chmod(0o700)

@@ -1,7 +1,8 @@
 """The image cache: ``cache_dir()/images/<key>/`` with a manifest, checked before use.
 
-A built image is a directory named by its key holding ``vmlinux``, ``initrd.cpio`` and
-``manifest.json`` (sizes and sha256 of both). Builders take an exclusive ``flock`` on
+A built image is a directory named by its key holding ``vmlinux``, ``initrd.cpio`` (the root file system, read by
+:func:`~vmlab.image.unpack_rootfs`), ``initrd.lz4`` (the same, compressed: what QEMU boots) and ``manifest.json``
+(sizes and sha256 of all three). Builders take an exclusive ``flock`` on
 ``images/.lock``; a build goes to ``images/.build-<key>-*`` and is renamed into place, so a
 reader never sees half an image. The newest :data:`KEEP_IMAGES` images are kept.
 """
@@ -20,13 +21,13 @@ from typing import Any, Iterator, Optional
 
 from .. import config
 from ..errors import ImageError
-from .cpio import NEWC_MAGIC
+from .cpio import LZ4_LEGACY_MAGIC, NEWC_MAGIC
 from .elf import ELF_MAGIC
 from .util import Progress, rmtree, say, sha256_file, umask
 
 KEEP_IMAGES = 3        # images kept in the cache; a VM already running keeps its open files
 RECENT_USE_S = 6 * 3600  # an image used this recently is never pruned (another process may boot it next)
-OUTPUTS = ("vmlinux", "initrd.cpio")
+OUTPUTS = ("vmlinux", "initrd.cpio", "initrd.lz4")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class GuestImage:
     """A built guest image (kernel + initramfs) in the cache."""
 
     kernel: Path          # uncompressed vmlinux (ELF with PVH note) for -kernel
-    initrd: Path          # uncompressed newc cpio
+    initrd: Path          # the initramfs for -initrd: the newc cpio compressed with lz4 -l
     kernel_version: str   # e.g. "6.1.0-56-amd64"
     key: str              # hex digest of all inputs (16 chars)
     root: Path            # the cache directory of this build
@@ -43,13 +44,18 @@ class GuestImage:
     @classmethod
     def from_dir(cls, root: Path, manifest: dict[str, Any]) -> GuestImage:
         """The image in cache directory ``root`` described by its ``manifest``."""
-        return cls(kernel=root / "vmlinux", initrd=root / "initrd.cpio",
+        return cls(kernel=root / "vmlinux", initrd=root / "initrd.lz4",
                    kernel_version=manifest["kernel_version"], key=manifest["key"],
                    root=root, manifest=manifest)
 
     @property
+    def cpio(self) -> Path:
+        """The uncompressed newc cpio of the root file system (what :attr:`initrd` holds, for reading)."""
+        return self.root / "initrd.cpio"
+
+    @property
     def sizes(self) -> dict[str, int]:
-        """Bytes of ``vmlinux`` and ``initrd.cpio``."""
+        """Bytes of each output (``vmlinux``, ``initrd.cpio``, ``initrd.lz4``)."""
         return {k: int(v["size"]) for k, v in self.manifest["outputs"].items()}
 
 
@@ -111,6 +117,9 @@ def check_cached(root: Path, key: str, verify: bool) -> tuple[Optional[dict[str,
     with open(root / "initrd.cpio", "rb") as f:
         if f.read(6) != NEWC_MAGIC:
             return None, "initrd.cpio is not a newc cpio"
+    with open(root / "initrd.lz4", "rb") as f:
+        if f.read(4) != LZ4_LEGACY_MAGIC:
+            return None, "initrd.lz4 is not a legacy LZ4 frame"
     return manifest, ""
 
 

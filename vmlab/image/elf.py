@@ -1,4 +1,4 @@
-"""Just enough ELF for the image builder: PT_INTERP, the PVH note, vmlinux out of a bzImage.
+"""Just enough ELF for the image builder: PT_INTERP, the PVH note, vmlinux out of a bzImage, zero tails.
 
 QEMU boots an uncompressed ``vmlinux`` with ``-kernel`` directly when it carries the PVH
 ELF note (``XEN_ELFNOTE_PHYS32_ENTRY``): no firmware decompression step. Debian ships a
@@ -22,7 +22,8 @@ from ..errors import ImageError
 XZ_MAGIC = b"\xfd7zXZ\x00"
 ELF_MAGIC = b"\x7fELF"
 
-_PT_DYNAMIC, _PT_INTERP, _PT_NOTE = 2, 3, 4
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP, _PT_NOTE = 1, 2, 3, 4
+_PAGE = 4096
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
@@ -119,6 +120,40 @@ def extract_vmlinux(src: Path, dest: Path) -> None:
         f"({tried} xz stream(s) tried)",
         fix="use Debian's kernel (unset VMLAB_KERNEL) or point VMLAB_KERNEL to an "
             "uncompressed vmlinux built with CONFIG_PVH=y")
+
+
+def trim_zero_tails(path: Path, *, dry_run: bool = False) -> int:
+    """Shrink each ``PT_LOAD``'s ``p_filesz`` to its last non-zero byte (page-rounded); the bytes saved.
+
+    QEMU zero-fills a segment's ``p_memsz`` beyond ``p_filesz``, so the guest sees the same memory. What changes is
+    QEMU's RSS: it keeps every loaded segment of ``-kernel`` mapped (to reload it at a reset), and Debian's vmlinux
+    stores ``.bss``, ``.brk`` and ``.init.scratch`` as ~23 MiB of zeros (docs/boot.md). Only the program headers are
+    rewritten (not even those with ``dry_run``: then it only counts); a non-ELF64-little-endian file is left alone (0).
+    """
+    with open(path, "rb" if dry_run else "r+b") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != ELF_MAGIC or head[4] != 2 or head[5] != 1:
+            return 0
+        phoff, = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        f.seek(phoff)
+        table = bytearray(f.read(phentsize * phnum))
+        saved = 0
+        for i in range(phnum):
+            o = i * phentsize
+            p_type, _flags, off, _va, _pa, filesz, _memsz, _align = struct.unpack_from("<IIQQQQQQ", table, o)
+            if p_type != _PT_LOAD or filesz == 0:
+                continue
+            f.seek(off)
+            used = len(f.read(filesz).rstrip(b"\0"))
+            new = min(filesz, (used + _PAGE - 1) // _PAGE * _PAGE)
+            if new < filesz:
+                struct.pack_into("<Q", table, o + 32, new)
+                saved += filesz - new
+        if saved and not dry_run:
+            f.seek(phoff)
+            f.write(table)
+    return saved
 
 
 def _try_xz(data: bytes, pos: int, dest: Path) -> bool:

@@ -136,7 +136,7 @@ def unpack_rootfs(image: GuestImage, dest_dir: Path) -> Path:
     they need root, and devtmpfs provides them at boot). Returns ``dest_dir``."""
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    for e in read_cpio(image.initrd):
+    for e in read_cpio(image.cpio):
         p = dest / e["name"]
         kind = stat.S_IFMT(e["mode"])
         if kind == stat.S_IFDIR:

@@ -39,7 +39,7 @@ help:
 	@echo "make lab          set everything up and open the lessons (your copy, in $(WORKSPACE)/) in JupyterLab"
 	@echo "make lab EDITION=ko   the same, opening the Korean edition (한국어판, $(WORKSPACE)/ko/)"
 	@echo "make test         set everything up and run the test suite"
-	@echo "make lessons      execute every notebook headless, both editions: HTML in build/lessons/ (and ko/)"
+	@echo "make lessons      execute every notebook headless, both editions: HTML in build/lessons/ (and ko/); quick mode, VMLAB_QUICK=0 for the full run"
 	@echo "make demo         instructor dashboards (Voila), no code visible"
 	@echo "make bench        run the benchmarks, judge each figure against benchmarks/targets.toml (BENCH_ARGS=--quick)"
 	@echo "make reliability  the long reliability and soak runs"
@@ -110,9 +110,11 @@ test: setup system-test classroom-deps
 	[ $$rc2 = 5 ] && rc2=0; \
 	echo "make test: parallel pass exit $$rc, serial pass exit $$rc2"; [ $$rc = 0 ] && [ $$rc2 = 0 ]
 
+# quick mode unless VMLAB_QUICK=0 (`make lessons VMLAB_QUICK=0`: the full run, minutes per lesson)
+LESSONS_MODE = $(if $(filter 0,$(VMLAB_QUICK)),,--quick)
 lessons: setup
-	$(PY) -m vmlab.lessons render --quick
-	$(PY) -m vmlab.edition render --quick
+	$(PY) -m vmlab.lessons render $(LESSONS_MODE)
+	$(PY) -m vmlab.edition render $(LESSONS_MODE)
 
 DEMO_PORT ?= 8866
 demo: setup workspace

@@ -42,43 +42,37 @@ def _ready_cpu(vm: VM) -> float:
     return float("nan")
 
 
+#: the figures measured directly (lists of repeats); the ratios are computed from them at the end
+MEASURED = ("plain_boot_s", "cold_boot_s", "cold_cpu_s", "warm_boot_s", "warm_cpu_s", "run_roundtrip_ms", "run_guest_ms",
+            "ping_ms", "run_cpu_ms", "ping_cpu_ms", "qemu_rss_mib", "qemu_rss_warm_mib")
+
+
 def measure(quick: bool = False) -> Dict[str, Any]:
     repeats, roundtrips = (3, 30) if quick else (5, 100)
     load_before = os.getloadavg()
-    plain: List[float] = []
-    cold: List[float] = []
-    warm: List[float] = []
-    cold_cpu: List[float] = []
-    warm_cpu: List[float] = []
-    rtt: List[float] = []
-    rtt_guest: List[float] = []
-    ping: List[float] = []
-    run_cpu: List[float] = []
-    ping_cpu: List[float] = []
-    rss: List[float] = []
-    rss_warm: List[float] = []
+    f: Dict[str, List[float]] = {k: [] for k in MEASURED}
     accel, release = "", ""
     yardstick = PlainBoot()
     try:
         for _ in range(repeats):
-            plain.append(yardstick.boot())
+            f["plain_boot_s"].append(yardstick.boot())
             t0 = time.monotonic()
             with VM(accel="auto", name="boot-cold") as vm:
-                cold.append(time.monotonic() - t0)
-                cold_cpu.append(_ready_cpu(vm))
+                f["cold_boot_s"].append(time.monotonic() - t0)
+                f["cold_cpu_s"].append(_ready_cpu(vm))
                 release = vm.run("uname -r").stdout.strip()
                 accel = vm.accel or ""
                 pid = vm.pid or 0
                 c0 = process_cpu_seconds(pid)
                 runs = [vm.run("true") for _ in range(roundtrips)]
                 c1 = process_cpu_seconds(pid)
-                rtt += [r.wall_s * 1e3 for r in runs]
-                rtt_guest += [r.guest_s * 1e3 for r in runs]
-                ping += [vm.ping() * 1e3 for _ in range(roundtrips)]
+                f["run_roundtrip_ms"] += [r.wall_s * 1e3 for r in runs]
+                f["run_guest_ms"] += [r.guest_s * 1e3 for r in runs]
+                f["ping_ms"] += [vm.ping() * 1e3 for _ in range(roundtrips)]
                 c2 = process_cpu_seconds(pid)
-                run_cpu.append((c1 - c0) / roundtrips * 1e3)
-                ping_cpu.append((c2 - c1) / roundtrips * 1e3)
-                rss.append(vm.qemu_rss_bytes() / 2**20)
+                f["run_cpu_ms"].append((c1 - c0) / roundtrips * 1e3)
+                f["ping_cpu_ms"].append((c2 - c1) / roundtrips * 1e3)
+                f["qemu_rss_mib"].append(vm.qemu_rss_bytes() / 2**20)
     finally:
         yardstick.close()
     with VM(accel="auto", name="boot-warm", warm=True) as vm:   # the first warm VM may save the snapshot
@@ -89,22 +83,20 @@ def measure(quick: bool = False) -> Dict[str, Any]:
         with VM(accel="auto", name="boot-warm", warm=True) as vm:
             if vm.warm_restored:
                 restored += 1
-                warm.append(time.monotonic() - t0)
-                warm_cpu.append(_ready_cpu(vm))
+                f["warm_boot_s"].append(time.monotonic() - t0)
+                f["warm_cpu_s"].append(_ready_cpu(vm))
             vm.run("true")
-            rss_warm.append(vm.qemu_rss_bytes() / 2**20)
+            f["qemu_rss_warm_mib"].append(vm.qemu_rss_bytes() / 2**20)
+    plain, cold, warm = f["plain_boot_s"], f["cold_boot_s"], f["warm_boot_s"]
     plain_median, cold_median = statistics.median(plain), statistics.median(cold)
+    f["plain_cpu_s"] = yardstick.cpu_seconds
     plain_cpu = statistics.median(yardstick.cpu_seconds)
-    return {"plain_cpu_s": yardstick.cpu_seconds, "cold_cpu_s": cold_cpu,
-            "cold_cpu_vs_plain": [c / plain_cpu for c in cold_cpu], "warm_cpu_vs_plain": [w / plain_cpu for w in warm_cpu],
-            "plain_boot_s": plain, "cold_boot_s": cold, "cold_vs_plain": [c / plain_median for c in cold],
-            "warm_boot_s": warm, "warm_vs_plain": [w / plain_median for w in warm],
+    warm_cpu = f.pop("warm_cpu_s")
+    return {**f, "cold_cpu_vs_plain": [c / plain_cpu for c in f["cold_cpu_s"]],
+            "warm_cpu_vs_plain": [w / plain_cpu for w in warm_cpu],
+            "cold_vs_plain": [c / plain_median for c in cold], "warm_vs_plain": [w / plain_median for w in warm],
             "warm_vs_cold": [w / cold_median for w in warm], "warm_restored": restored / repeats,
-            "run_roundtrip_ms": rtt, "run_guest_ms": rtt_guest, "ping_ms": ping,
-            "run_cpu_ms": run_cpu, "ping_cpu_ms": ping_cpu,
-            "qemu_rss_mib": rss, "qemu_rss_warm_mib": rss_warm,
             "_where": where(accel, release), "_load_avg": [*load_before, *os.getloadavg()]}
-
 
 if __name__ == "__main__":
     from benchmarks.__main__ import main

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import nbformat
@@ -18,7 +19,8 @@ NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NUMBERED = lessons.numbered_notebooks(NB_DIR)
 ALL = sorted(NB_DIR.rglob("*.ipynb"))
 ALL = [p for p in ALL if ".ipynb_checkpoints" not in p.parts]
-QUICK_LINE = 'QUICK = os.environ.get("VMLAB_QUICK", "0") == "1"'
+QUICK_LINE = 'QUICK = os.environ.get("VMLAB_QUICK", "1") != "0"'    # quick unless VMLAB_QUICK=0
+FULL_SWITCH = "# QUICK = False"                                        # the full run, one switch away
 
 
 def _md(nb) -> str:
@@ -51,9 +53,52 @@ def test_numbered_notebook_structure(path):
     first = code[0]
     assert "parameters" in (first.metadata.get("tags") or []), "the first code cell is tagged 'parameters'"
     assert QUICK_LINE in first.source, f"the parameters cell defines {QUICK_LINE}"
+    assert FULL_SWITCH in first.source and "VMLAB_QUICK=0" in first.source, \
+        "the parameters cell shows the way to the full run: '# QUICK = False' (or VMLAB_QUICK=0)"
     assert re.search(r"Prediction\(", "\n".join(c.source for c in code)), "Exercises include a predict-then-measure"
     nav = [c for c in nb.cells if lessons.NAV_TAG in (c.metadata.get("tags") or [])]
     assert len(nav) == 1 and nb.cells[-1] is nav[0], "one nav cell, the last one (python -m vmlab.lessons nav)"
+
+
+@pytest.mark.parametrize("path", NUMBERED, ids=_id)
+def test_quick_is_the_default_and_full_is_one_switch_away(path, monkeypatch):
+    """The parameters cell itself, run as Python: quick unless VMLAB_QUICK=0; the commented line means full."""
+    nb = nbformat.read(str(path), as_version=4)
+    source = next(c for c in nb.cells if c.cell_type == "code").source
+
+    def quick(env=None, uncomment=False):
+        if env is None:
+            monkeypatch.delenv("VMLAB_QUICK", raising=False)
+        else:
+            monkeypatch.setenv("VMLAB_QUICK", env)
+        ns: dict = {}
+        exec(source.replace(FULL_SWITCH, "QUICK = False") if uncomment else source, ns)
+        return ns["QUICK"]
+    assert quick() is True, "unset: quick mode (a learner's first run)"
+    assert quick("1") is True
+    assert quick("0") is False, "VMLAB_QUICK=0: the full run (make lessons without --quick)"
+    assert quick(uncomment=True) is False, "uncommenting '# QUICK = False' gives the full run"
+
+
+def test_a_full_render_says_so_to_its_notebooks(monkeypatch, tmp_path):
+    """render() without --quick gives each notebook VMLAB_QUICK=0 (unset would be quick); --quick, or
+    VMLAB_QUICK=1 in the environment, gives 1. No notebook is executed here."""
+    seen = []
+
+    def fake_render_one(p, out_dir, *, quick, timeout, progress):
+        seen.append(lessons.child_env(quick)["VMLAB_QUICK"])
+        return {"notebook": p.name, "seconds": 0.0, "status": "ok", "quick": int(quick), "html": ""}
+    monkeypatch.setattr(lessons, "render_one", fake_render_one)
+    monkeypatch.setattr(lessons, "render_static", lambda *a, **k: None)
+    monkeypatch.setattr(lessons, "write_index", lambda *a, **k: None)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)     # as in `make lessons`: no kernel here
+    monkeypatch.delenv("VMLAB_QUICK", raising=False)
+    for quick, env, want in ((False, None, "0"), (True, None, "1"), (False, "1", "1"), (False, "0", "0")):
+        if env is not None:
+            monkeypatch.setenv("VMLAB_QUICK", env)
+        seen.clear()
+        lessons.render(quick=quick, only=r"^01\.00", out_dir=tmp_path, progress=lambda m: None)
+        assert seen == [want], (quick, env, seen)
 
 
 @pytest.mark.parametrize("path", ALL, ids=_id)

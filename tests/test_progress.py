@@ -9,6 +9,8 @@ import io
 import logging
 import sys
 
+import pytest
+
 from vmlab import config
 from vmlab.measure import ProgressBar, advance, plan, say
 
@@ -30,12 +32,12 @@ def test_bar_counts_steps_shows_the_current_step_and_ends_done():
 
 def test_a_failing_experiment_leaves_the_bar_marked_failed():
     out = io.StringIO()
-    try:
-        with ProgressBar("net", stream=out):
-            raise RuntimeError("boom")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="boom"), ProgressBar("net", 4, stream=out) as bar:   # never swallowed
+        bar.advance()
+        raise RuntimeError("boom")
     assert out.getvalue().rstrip().endswith("failed")
+    assert bar.failed and bar.done == 1, "a failed bar stays where it stopped (not filled)"
+    assert "1/4" in out.getvalue().splitlines()[-1]
 
 
 def test_plain_callables_still_work_and_every_message_is_logged(caplog):

@@ -6,7 +6,7 @@
     python -m vmlab.lessons workspace [--to DIR]   # the learner's copy of the lessons (make lab; vmlab.workspace)
 
 ``render`` executes each numbered notebook headless in its own process (nbclient; cwd notebooks/;
-VMLAB_QUICK=1 with --quick), writes HTML (nbconvert) and ``index.html`` to build/lessons/ with a
+VMLAB_QUICK=1 with --quick, else 0), writes HTML (nbconvert) and ``index.html`` to build/lessons/ with a
 timing table (also ``timings.csv``): seconds, status, peak QEMU RSS (polled from the process tree),
 CPU seconds (getrusage of the finished children plus this process). A failing notebook is reported
 and makes the exit status non-zero; the others still render.
@@ -103,7 +103,7 @@ def setup(quick: bool = False, progress: Optional[Callable[[str], None]] = None)
     except ImportError:
         pass
     if quick:
-        print("QUICK mode: small sizes and few repeats (VMLAB_QUICK=1)")
+        print("QUICK mode: small sizes and few repeats (the full run: QUICK = False in the parameters cell)")
     return image
 
 
@@ -381,12 +381,18 @@ def _kill_tree(pids: Sequence[int]) -> None:
             pass
 
 
+def child_env(quick: bool) -> Dict[str, str]:
+    """The environment of a notebook's process: ``VMLAB_QUICK`` always set, ``1`` or ``0`` (a lesson's
+    parameters cell is quick when the variable is unset, so a full render must say ``0``)."""
+    return dict(os.environ, VMLAB_QUICK="1" if quick else "0",
+                PYTHONUNBUFFERED="1", MPLBACKEND="module://matplotlib_inline.backend_inline")
+
+
 def render_one(src: Path, out_dir: Path, *, quick: bool, timeout: int,
                progress: Callable[[str], None] = print) -> Dict[str, Any]:
     """Execute and render one notebook in a child process; returns its timing row."""
     out_html = out_dir / (src.stem + ".html")
-    env = dict(os.environ, VMLAB_QUICK="1" if quick or config.quick() else "0",
-               PYTHONUNBUFFERED="1", MPLBACKEND="module://matplotlib_inline.backend_inline")
+    env = child_env(quick)
     cmd = [sys.executable, "-m", "vmlab.lessons", "_execute", str(src), str(out_html),
            "--timeout", str(timeout)] + (["--quick"] if quick else [])
     cpu0, t0 = _cpu_now(), time.monotonic()
@@ -476,6 +482,7 @@ CPU s: getrusage of the notebook's process tree (kernel and QEMU) after it exite
 def render(*, quick: bool = False, only: Optional[str] = None, timeout: Optional[int] = None,
            directory: Path = NOTEBOOKS, out_dir: Path = BUILD,
            progress: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    quick = quick or config.quick()      # VMLAB_QUICK=1 in the environment also means quick
     paths = numbered_notebooks(directory)
     if only:
         rx = re.compile(only)

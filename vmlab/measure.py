@@ -74,6 +74,7 @@ class ProgressBar:
         self.message = ""
         self.t0 = time.monotonic()
         self.closed = False
+        self.failed = False
         self._stream = stream
         self._widget: Any = None
         if stream is None and _in_jupyter():
@@ -109,7 +110,7 @@ class ProgressBar:
             bar, label = self._widget
             bar.max = max(1, self.total or 1)
             bar.value = min(self.done, bar.max) if self.total else 0
-            bar.bar_style = "success" if self.closed else ""
+            bar.bar_style = ("danger" if self.failed else "success") if self.closed else ""
             label.value = _html_escape(self.status())
         elif self._stream is not None:
             line = f"{self.title}: {self.status()}"
@@ -129,11 +130,13 @@ class ProgressBar:
         self.done += steps
         self._show()
 
-    def close(self, message: str = "done") -> None:
+    def close(self, message: str = "done", *, failed: bool = False) -> None:
+        """Show the bar finished: full and green, or (``failed``) red where it stopped."""
         if self.closed:
             return
         self.closed = True
-        if self.total:
+        self.failed = failed
+        if self.total and not failed:
             self.done = max(self.done, self.total)
         self.message = message
         self._show()
@@ -142,7 +145,7 @@ class ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close("failed" if exc[0] else "done")
+        self.close("failed" if exc[0] else "done", failed=exc[0] is not None)
 
 
 def _clock(seconds: float) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ..guestinfo import where_vm
 from ..hostinfo import where
 from ..hostview import native_vmbench
-from ..measure import Progress, Rows, say
+from ..measure import Progress, Rows, advance, plan, say
 from ..vm import VM
 from .cpu import kvm_status
 
@@ -109,6 +109,7 @@ def run(quick: bool = False, progress: Progress = None, *, image: Optional[Guest
     else:
         notes.append(f"no KVM rows: KVM is not available on this host ({verdict.get('reason')})")
         say(progress, notes[-1])
+    plan(progress, len(configs))               # one boot per configuration
     with rows.guard():
         rows.add(**where("none"), system="this host (native)", cpu_model="", **host_awareness())
         for accel, model, label in configs:
@@ -116,6 +117,7 @@ def run(quick: bool = False, progress: Progress = None, *, image: Optional[Guest
             with VM(accel=accel, name="aware", cpu_model=model, image=image) as vm:
                 rows.add(**where_vm(vm), system=label, cpu_model=model or "",
                          **guest_awareness(vm))
+            advance(progress)
     df = rows.frame()
     df.attrs["kvm"] = verdict
     df.attrs["notes"] = notes

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from ..errors import SpecError
 from ..guestinfo import where_vm
-from ..measure import Progress, Rows, say
+from ..measure import Progress, Rows, advance, plan, say
 from ..plots import OKABE_ITO, axes, style, where_label
 from ..vm import VM
 
@@ -123,7 +123,9 @@ def run(quick: bool = False, progress: Progress = None, *, memory: int = 256,
     low_mb = low_mb or memory // 2
     touch_mb = touch_mb or int(memory * 0.55)
     rows = Rows("balloon")
+    plan(progress, 4 if quick else 5)          # boot, touch, inflate, deflate (, touch again)
     with rows.guard(), VM(accel="tcg", name="balloon", memory=memory, balloon=True, image=image) as vm:
+        advance(progress)
         w = where_vm(vm)
         t0 = time.monotonic()
 
@@ -136,17 +138,21 @@ def run(quick: bool = False, progress: Progress = None, *, memory: int = 256,
         say(progress, f"guest touches {touch_mb} MiB, then frees it")
         touch(vm, touch_mb)
         rec(f"touched {touch_mb} MiB")(sample(vm, t0, target_mb=memory))
+        advance(progress)
         say(progress, f"inflating the balloon: guest memory {memory} -> {low_mb} MiB")
         set_balloon(vm, low_mb, on_sample=rec(f"inflate to {low_mb} MiB"), t0=t0)
         time.sleep(0.5)
         rec(f"inflated to {low_mb} MiB")(sample(vm, t0, target_mb=low_mb))
+        advance(progress)
         say(progress, f"deflating: guest memory back to {memory} MiB")
         set_balloon(vm, memory, on_sample=rec(f"deflate to {memory} MiB"), t0=t0)
         time.sleep(0.5)
         rec(f"deflated to {memory} MiB")(sample(vm, t0, target_mb=memory))
+        advance(progress)
         if not quick:
             touch(vm, touch_mb)
             rec(f"touched {touch_mb} MiB again")(sample(vm, t0, target_mb=memory))
+            advance(progress)
     return rows.frame()
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import SpecError
 from ..guestinfo import where_vm
-from ..measure import Progress, Rows, say
+from ..measure import Progress, Rows, advance, plan, say
 from ..plots import OKABE_ITO, axes, is_wide, style, where_label
 from ..vm import VM
 
@@ -130,6 +130,7 @@ def clock_costs(vm: VM, sources: Sequence[str] = CLOCKSOURCES, repeats: int = 5,
     if "tsc" in sources and "tsc" not in avail and "tsc-early" in avail and "tsc-early" not in sources:
         sources = (*tuple(sources), "tsc-early")        # the TSC is still there, under its early name
     can_count = count and bool(vm.spec.trace) and "memory_region_ops_read" in vm.spec.trace
+    plan(progress, len(sources) + (0 if own else 1))    # run(): its boot was the first step
     try:
         for cs in sources:
             row: Dict[str, Any] = dict(w, clocksource=cs, available=cs in avail, how=CLOCK_HOW.get(cs, ""),
@@ -142,9 +143,11 @@ def clock_costs(vm: VM, sources: Sequence[str] = CLOCKSOURCES, repeats: int = 5,
                     why += " (the kernel marked the TSC unstable, or has not finished calibrating it)"
                 rows.add(**row, note=why)
                 say(progress, f"{cs}: {why}")
+                advance(progress)
                 continue
             if not set_clocksource(vm, cs):
                 rows.add(**row, note="the kernel refused to switch to it")
+                advance(progress)
                 continue
             r = _cpu_bench(vm, "clock_gettime", repeats, scale)
             row.update(ns_per_read=r["ns_per_op"], ns_min=r["ns_min"], ns_max=r["ns_max"], ns_cv=r["ns_cv"],
@@ -162,6 +165,7 @@ def clock_costs(vm: VM, sources: Sequence[str] = CLOCKSOURCES, repeats: int = 5,
             say(progress, f"{cs}: {row['ns_per_read']:.0f} ns per clock_gettime"
                 + (f", {row['traps_per_read']:.2f} emulated timer reads per call" if can_count else ""))
             rows.add(**row)
+            advance(progress)
     finally:
         set_clocksource(vm, original)
     return rows.frame() if own else None
@@ -173,7 +177,9 @@ def run(quick: bool = False, progress: Progress = None, *, accel: str = "tcg",
     repeats = repeats or (3 if quick else 7)
     scale = 0.003 if quick else 0.01
     rows = Rows("clocks")
+    plan(progress, 1 + len(CLOCKSOURCES))      # the boot, then each clocksource
     with rows.guard(), VM(accel=accel, name=f"clocks-{accel}", trace=CLOCK_TRACE, image=image) as vm:
+        advance(progress)
         quiet_trace(vm, False)
         clock_costs(vm, repeats=repeats, scale=scale, rows=rows, progress=progress)
     return rows.frame()

@@ -43,7 +43,7 @@ from ..errors import VMLabError
 from ..hostinfo import where
 from ..hostview import native_vmbench
 from ..image import ensure_image
-from ..measure import DATA_DIR, Progress, Rows, say
+from ..measure import DATA_DIR, Progress, Rows, advance, plan, say
 from ..plots import KIND_COLORS, OKABE_ITO, style, where_label
 from ..procfs import descendants, pss_bytes, rss_bytes
 from ..vm import VM
@@ -99,6 +99,7 @@ def run(quick: bool = False, progress: Progress = None, *, spawns: Optional[int]
     rows = Rows(NAME)
     cg = cgroup_setup()
     bench = ["cpu", "--bench", "null_syscall,page_fault", "--repeats", str(p["repeats"]), "--scale", str(p["scale"])]
+    plan(progress, 6 + int(fault))     # start-ups, cold boot, memory, nanobench, isolation, warm (, fault)
     with rows.guard(), Container(vmbench=exe) as ctr:
         rows.where = where("none")
         rows.where.update(cgroup_mode=ctr.cgroup_mode)
@@ -112,6 +113,7 @@ def run(quick: bool = False, progress: Progress = None, *, spawns: Optional[int]
                 for _ in range(spawns)]
         rows.add(kind="startup", platform="container", what="unshare 6 namespaces + chroot + /proc + cgroup, run it",
                  **_spread(cont))
+        advance(progress)
         say(progress, "start-up: a VM, cold boot")
         vm = VM(memory=memory, image=image, name="ctr-vs-vm")
         t = time.perf_counter()
@@ -121,14 +123,20 @@ def run(quick: bool = False, progress: Progress = None, *, spawns: Optional[int]
             rows.add(kind="startup", platform="vm", what="cold boot + run it", **_spread([time.perf_counter() - t]))
             vm_where = where(vm.accel or "tcg", vm.kernel_release)
             rows.where.update(accel=vm_where["accel"], guest_kernel=vm_where["guest_kernel"])
+            advance(progress)
             _memory(rows, vm, ctr, exe, progress)
+            advance(progress)
             _nanobench(rows, vm, ctr, exe, bench, progress)
+            advance(progress)
             _isolation(rows, vm, ctr, progress)
+            advance(progress)
         finally:
             vm.shutdown()
         _warm(rows, image, memory, int(p["warm"]), progress)
+        advance(progress)
         if fault:
             _fault(rows, image, memory, ctr, progress)
+            advance(progress)
     df = rows.frame()
     df.attrs["cgroup"] = cg
     df.attrs["cgroup_why"] = ctr.cgroup_why

@@ -34,7 +34,7 @@ from ..errors import SetupError, SpecError, VMLabError
 from ..guestinfo import accel_of, where_vm
 from ..hostinfo import host_virtualization, where
 from ..hostview import native_vmbench  # vmbench for the host; re-exported as cpu.native_vmbench
-from ..measure import DATA_DIR, Rows, say
+from ..measure import DATA_DIR, Rows, advance, plan, say
 from ..plots import OKABE_ITO, axes, color_for, grouped_bars, source_note, style
 from ..vm import VM, kvm_device_problem, kvm_verdict
 
@@ -222,6 +222,7 @@ def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *
         runs: Dict[str, List[Dict[str, Any]]] = {"native": []}
         wheres: Dict[str, Dict[str, Any]] = {"native": where_native()}
         vms = []
+        plan(progress, len(accels) + rounds * (1 + len(accels)))   # each boot; each round: native, each guest
         try:
             for accel in accels:
                 say(progress, f"{accel}: booting a guest")
@@ -232,13 +233,16 @@ def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *
                 w.update(ran_on="guest", host_is_vm=wheres["native"]["host_is_vm"])
                 wheres[accel_of(vm)] = w
                 runs[accel_of(vm)] = []
+                advance(progress)
             # rounds alternate native and guest runs, so host load hits both sides alike
             for k in range(rounds):
                 say(progress, f"round {k + 1}/{rounds}: vmbench cpu --repeats {repeats} --scale {scale:g} "
                               f"natively, then in the guest" + ("s" if len(vms) > 1 else ""))
                 runs["native"].append(run_native(benchmarks, repeats, scale, progress=progress))
+                advance(progress)
                 for vm in vms:
                     runs[accel_of(vm)].append(run_guest(vm, benchmarks, repeats, scale, timeout=900))
+                    advance(progress)
         finally:
             for vm in vms:
                 vm.shutdown()

@@ -47,7 +47,7 @@ from .. import plots
 from ..errors import ExperimentError, SpecError, VMLabError
 from ..hostinfo import where as where_ran
 from ..image import GuestImage, native_programs, native_tool
-from ..measure import DATA_DIR, Progress, Rows, say
+from ..measure import DATA_DIR, Progress, Rows, advance, plan, say
 from ..spec import MachineSpec
 from ..vm import VM, kvm_device_problem, kvm_verdict, nested_verdict
 
@@ -245,11 +245,14 @@ def _accel_label(where: str) -> str:
 def measure(runner: Runner, rows: Rows, *, where: str, n: int, repeats: int, names: Sequence[str],
             string_sizes: Sequence[int], progress: Progress = None) -> Dict[Tuple[str, str], int]:
     """Run the workloads through ``runner(program, n)`` into ``rows``; returns the fixed counts."""
+    per_rep = sum(len({n, *string_sizes}) if (WORKLOADS[m].string_io or m == "out") else 1 for m in names)
+    plan(progress, 1 + repeats * per_rep)      # the empty program, then each workload and size
     base = runner(BASELINE, 1)
     if not base.get("ok"):
         raise ExperimentError(f"hv's empty program failed: {base.get('error')}",
                               fix="check /dev/kvm inside the guest (vm.nested_kvm)")
     fixed = level_counts(base)
+    advance(progress)
     for rep in range(repeats):
         for name in names:
             w = WORKLOADS[name]
@@ -258,6 +261,7 @@ def measure(runner: Runner, rows: Rows, *, where: str, n: int, repeats: int, nam
                 say(progress, f"hv {name} {size} ({where}, repeat {rep + 1}/{repeats})")
                 for r in result_rows(runner(name, size), w, size, fixed=fixed, where=where, repeat=rep):
                     rows.add(**r)
+                advance(progress)
     return fixed
 
 

@@ -32,7 +32,7 @@ from ..errors import AccelUnavailable, SpecError, VMError
 from ..guestinfo import qemu_pid
 from ..hostinfo import host_virtualization, where
 from ..hostview import memory_map
-from ..measure import DATA_DIR, Progress, Rows, say
+from ..measure import DATA_DIR, Progress, Rows, advance, plan, say
 from ..plots import KIND_COLORS, OKABE_ITO, axes, style, where_label
 from ..procfs import host_steal_ticks, rss_bytes, thread_cpu, threads
 from ..vm import VM, kvm_verdict
@@ -119,14 +119,18 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Optio
             return runner
 
         runners = {"native": native}
+        boots = 2 if kvm["usable"] else 1
+        plan(progress, boots + len(workloads) * repeats * (1 + boots))   # each boot; each run on each path
         say(progress, "booting a TCG guest: the same vmbench, every instruction translated by QEMU")
         vm = stack.enter_context(VM(accel="tcg", image=image, memory=memory, name="path"))
         rows.where = where("tcg", vm.kernel_release)
         runners["tcg"] = in_guest(vm)
+        advance(progress)
         if kvm["usable"]:
             say(progress, "booting a KVM guest: the same vmbench on the in-kernel hypervisor")
             kvm_vm = stack.enter_context(VM(accel="kvm", image=image, memory=memory, name="path-kvm"))
             runners["kvm"] = in_guest(kvm_vm)
+            advance(progress)
         else:        # the lesson says why once, from kvm_status(); here only that the path is skipped
             say(progress, "no KVM guest: the KVM path is skipped")
         per_cpu: Dict[tuple, List[float]] = {}
@@ -140,6 +144,7 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Optio
                     results.setdefault((layer, w), []).append(_value(out, metric))
                     if w == "spin" and out["_host_cpu_s"] > 0:
                         per_cpu.setdefault((layer, w), []).append(out["ops"] / out["_host_cpu_s"])
+                    advance(progress)
         for layer in LAYERS:
             for w in workloads:
                 _, metric, unit, hib = WORKLOADS[w]
@@ -205,12 +210,14 @@ def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: 
     status = kvm_status() if kvm else {"usable": False, "note": "KVM not asked for"}
     if status["usable"]:
         accels.append("kvm")
+    plan(progress, len(accels) * (1 + 2 * repeats))     # per accel: the boot, then alone and with the hog
     with rows.guard():
         for accel in accels:
             say(progress, f"{accel.upper()}: vCPU thread and a host hog both pinned on core {core}")
             with VM(accel=accel, image=image, name=f"noisy-{accel}") as vm:
                 if not rows.where:
                     rows.where = where(accel, vm.kernel_release)
+                advance(progress)
                 tid = hostview.vcpu_tid(vm)
                 with hostview.pinned(tid, {core}):
                     for r in range(repeats):
@@ -233,6 +240,7 @@ def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: 
                             say(progress, f"  {condition}: {row['ops_per_s'] / 1e6:.0f} M ops/s, guest steal "
                                           f"{row['steal_ticks']} ticks, vCPU thread got "
                                           f"{row['vcpu_host_cpu_s']:.2f} s of host CPU in {seconds:g} s")
+                            advance(progress)
         if not status["usable"]:
             rows.add(accel="kvm", condition=HOG, repeat=0, core=core, ops_per_s=math.nan,
                      guest_user_s=math.nan, guest_seconds=math.nan, steal_ticks=math.nan,

@@ -38,7 +38,7 @@ from .. import disks
 from ..errors import GuestError, SpecError, VMError
 from ..hostinfo import where
 from ..image import ensure_image
-from ..measure import Progress, Rows, say, stats
+from ..measure import Progress, Rows, advance, plan, say, stats
 from ..plots import OKABE_ITO, axes, style, where_label
 from ..spec import Disk, MachineSpec
 from ..vm import VM
@@ -256,6 +256,7 @@ def run(quick: bool = False, progress: Progress = None, *, repeats: Optional[int
     image = image or ensure_image()
     rows = Rows("lifecycle")
     with rows.guard(), tempfile.TemporaryDirectory(prefix="vmlab-life-") as tmp:
+        plan(progress, reps * len(actions))
         for rep in range(reps):
             for a in actions:
                 say(progress, f"lifecycle: {a} (repeat {rep + 1}/{reps})")
@@ -266,6 +267,7 @@ def run(quick: bool = False, progress: Progress = None, *, repeats: Optional[int
                 rows.add(repeat=rep, **row)
                 for f in Path(tmp).iterdir():
                     f.unlink()
+                advance(progress)
     df = rows.frame()
     first = ["action", "events", "seconds", "data_kept"]
     return df[[c for c in first if c in df] + [c for c in df.columns if c not in first]]

@@ -38,7 +38,7 @@ from .. import plots
 from ..errors import SpecError
 from ..hostinfo import where
 from ..image import ensure_image
-from ..measure import Progress, Rows, say
+from ..measure import Progress, Rows, advance, plan, say
 from ..plots import OKABE_ITO, style, where_label
 from .liveguest import LiveGuest, check_rate
 
@@ -107,11 +107,13 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
     own = guest is None
     if guest is None:
         guest = LiveGuest(memory=memory, image=image, working_set=working_set)
+    plan(progress, int(own) + len(bandwidths) * len(rates) + (4 if special else 0))   # boot, each migration
     with rows.guard():
         try:
             if own:
                 say(progress, f"booting the guest ({memory} MiB, an e1000 NIC for the heartbeat)")
                 guest.start()
+                advance(progress)
             rows.where = where(guest.accel, guest.kernel_release)
             for bw in bandwidths:
                 for rate in rates:
@@ -121,6 +123,7 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
                     row.pop("samples")
                     rows.add(case="precopy", **row)
                     say(progress, _said(row))
+                    advance(progress)
             if special:
                 # the first pass at special_bandwidth, then the link drops to special_later MiB/s: each round
                 # sends the small working set the guest keeps rewriting (about a second), more than the pause
@@ -141,6 +144,7 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
                     timelines[case] = row.pop("samples")
                     rows.add(case=case, **row)
                     say(progress, _said(row))
+                    advance(progress)
         finally:
             if own:
                 guest.close()

@@ -35,7 +35,7 @@ from ..errors import SpecError
 from ..guestinfo import qemu_pid
 from ..hostinfo import where
 from ..image import ensure_image
-from ..measure import Progress, Rows, say
+from ..measure import Progress, Rows, advance, plan, say
 from ..plots import OKABE_ITO, style, where_label
 from ..procfs import pss_bytes, rss_bytes, thread_cpu
 from ..vm import AsyncVM, runner
@@ -194,11 +194,13 @@ def run(quick: bool = False, progress: Progress = None, *, counts: Optional[Sequ
         if on_row:
             on_row(item)
 
+    plan(progress, len(counts))                # one step per number of VMs
     with rows.guard():
         for n in counts:
             res = _drive(_step(n, seconds, image=image, memory=memory, accel=accel, warm=warm,
                                emit=q.put), on_item, q)
             _add_row(rows, res, seconds, memory, progress, on_row)
+            advance(progress)
     return rows.frame()
 
 

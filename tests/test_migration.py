@@ -43,6 +43,43 @@ def test_bad_input_is_named():
         runner.block_on(AsyncVM(memory=256).start(incoming="tcp:0.0.0.0:4444"))
 
 
+def test_run_in_steps_checks_what_it_is_asked_to_do():
+    """The lesson runs the pre-copy grid and the special cases in steps (bandwidths=() for the special cases only);
+    a run that would do nothing, or names a case that does not exist, is refused before any guest boots."""
+    from vmlab.experiments import migration
+    with pytest.raises(SpecError, match="nothing to run") as e:
+        migration.run(quick=True, bandwidths=(), special=False)
+    assert e.value.field == "bandwidths"
+    with pytest.raises(SpecError, match="nothing to run"):
+        migration.run(quick=True, bandwidths=(), special_cases=())
+    with pytest.raises(SpecError, match="teleport") as e:
+        migration.run(quick=True, bandwidths=(), special_cases=["teleport"])
+    assert e.value.field == "special_cases" and "auto-converge" in e.value.fix
+    with pytest.raises(SpecError, match="one name"):
+        migration.run(quick=True, bandwidths=(), special_cases="postcopy")
+    with pytest.raises(SpecError, match="bandwidths"):
+        migration.run(quick=True, bandwidths=(0,), special=False)
+
+
+def test_combine_joins_the_steps_of_one_guest():
+    import pandas as pd
+
+    from vmlab.experiments import migration
+    grid = pd.DataFrame({"case": ["precopy", "precopy"], "rounds": [1, 5]})
+    grid.attrs = {"timelines": {}, "guests_lost": 0}
+    stuck = pd.DataFrame({"case": ["non-converging"], "rounds": [9], "postcopy_mb": [None]})
+    stuck.attrs = {"timelines": {"non-converging": [{"t": 0.0, "remaining": 1}]}, "guests_lost": 1}
+    post = pd.DataFrame({"case": ["postcopy"], "rounds": [2], "postcopy_mb": [3.0]})
+    post.attrs = {"timelines": {"postcopy": [{"t": 0.0, "remaining": 2}]}, "guests_lost": 1}
+    df = migration.combine(grid, stuck, post)
+    assert list(df["case"]) == ["precopy", "precopy", "non-converging", "postcopy"]
+    assert list(df.index) == [0, 1, 2, 3] and list(df["rounds"]) == [1, 5, 9, 2]
+    assert list(df.attrs["timelines"]) == ["non-converging", "postcopy"]       # in the order they ran
+    assert df.attrs["guests_lost"] == 1                  # the guest's count so far, not a sum over the steps
+    with pytest.raises(SpecError, match="no frames"):
+        migration.combine()
+
+
 def test_the_tcg_work_around_is_given_where_qemu_needs_it():
     # QEMU < 9.0: 8 KiB more than the MiB asked, so the RAM block is not a multiple of 256 KiB
     assert migratable_args(256, version="7.2.22") == ("-m", "262152K")

@@ -3,6 +3,10 @@
     from vmlab.experiments import migration
     df = migration.run(quick=True)          # one row per migration
     migration.plot_downtime(df); migration.plot_timeline(df); migration.summary(df)
+    # in steps, on one started LiveGuest g: the pre-copy grid, then a special case; one frame again
+    grid = migration.run(quick=True, guest=g, special=False)
+    stuck = migration.run(quick=True, guest=g, bandwidths=(), special_cases=("non-converging",))
+    df = migration.combine(grid, stuck)
 
 The guest runs ``vmbench dirty`` (vmlab/guest/vmbench.c): it writes one word
 per 4 KiB page of a working set at a chosen rate (MiB of pages per second) and
@@ -48,22 +52,32 @@ if TYPE_CHECKING:
     from ..image import GuestImage
 
 NAME = "migration"
-__all__ = ["FULL", "QUICK", "LiveGuest", "plot_downtime", "plot_timeline", "run", "summary"]
+__all__ = ["FULL", "QUICK", "SPECIAL", "LiveGuest", "combine", "plot_downtime", "plot_timeline", "run", "summary"]
 
 QUICK: Dict[str, Any] = {"bandwidths": (64, 256), "rates": (0, 16), "working_set": 32, "timeout": 6.0,
                          "special_later": 4, "special_working_set": 4}
 FULL: Dict[str, Any] = {"bandwidths": (32, 64, 128), "rates": (0, 4, 8, 16, 32), "working_set": 32,
                         "special_later": 4, "special_working_set": 4,
                         "timeout": 15.0}
+# the cases that cannot converge by pre-copy alone, and the three ways out (run in this order)
+SPECIAL = ("non-converging", "auto-converge", "postcopy", "stop-and-copy")
+_SPECIAL_RUN: Dict[str, Any] = {"non-converging": ({}, None), "auto-converge": ({"auto-converge": True}, None),
+                                "postcopy": ({"postcopy-ram": True}, 1.0), "stop-and-copy": ({}, None)}
 
 
 def _check(bandwidths: Sequence[int], rates: Sequence[float], working_set: int, memory: int,
-           timeout: float) -> None:
-    if not bandwidths or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 100000
+           timeout: float, cases: Sequence[str] = ()) -> None:
+    for c in cases:
+        if c not in SPECIAL:
+            raise SpecError("special_cases", f"unknown case {c!r}", fix="some of: " + ", ".join(SPECIAL))
+    if not bandwidths and not cases:
+        raise SpecError("bandwidths", "nothing to run: no bandwidths for the pre-copy grid and no special case",
+                        fix="e.g. bandwidths=(64, 256), or bandwidths=() with special=True for the special cases only")
+    if bandwidths and not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 100000
                                  for b in bandwidths):
         raise SpecError("bandwidths", f"{bandwidths!r} is not a list of bandwidth limits in MiB/s",
                         fix="e.g. bandwidths=(16, 32, 128)")
-    if not rates:
+    if bandwidths and not rates:
         raise SpecError("rates", "no dirty rates given", fix="e.g. rates=(0, 8, 32)")
     for r in rates:
         check_rate(r)
@@ -79,6 +93,7 @@ def _check(bandwidths: Sequence[int], rates: Sequence[float], working_set: int, 
 def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[Sequence[int]] = None,
         rates: Optional[Sequence[float]] = None, working_set: Optional[int] = None, memory: int = 256,
         downtime_limit_ms: int = 300, timeout: Optional[float] = None, special: bool = True,
+        special_cases: Sequence[str] = SPECIAL,
         special_bandwidth: int = 32, special_later: Optional[int] = None, special_rate: float = 16.0,
         special_working_set: Optional[int] = None, image: Optional[GuestImage] = None, guest: Optional[LiveGuest] = None) -> pd.DataFrame:
     """Migrate one guest back and forth: every bandwidth x dirty rate, then (``special``) a case that
@@ -86,6 +101,9 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
     after the first pass at ``special_bandwidth`` the link drops to ``special_later`` MiB/s, so each round
     takes about a second and leaves more than the pause limit allows), the same with auto-converge, with a
     switch to post-copy, and stop-and-copy.
+
+    In steps: ``special=False`` runs only the pre-copy grid; ``bandwidths=()`` runs only the special
+    cases, ``special_cases`` a subset of :data:`SPECIAL` (in that order); :func:`combine` joins the frames.
 
     ``guest``: a started :class:`LiveGuest` to use (a lesson's; it is left running); without it one is
     booted and closed."""
@@ -96,7 +114,11 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
     timeout = float(timeout if timeout is not None else p["timeout"])
     special_later = int(special_later if special_later is not None else p["special_later"])
     special_ws = int(special_working_set if special_working_set is not None else p["special_working_set"])
-    _check(bandwidths, rates, working_set, memory, timeout)
+    if isinstance(special_cases, str):
+        raise SpecError("special_cases", f"{special_cases!r} is one name, not a list of cases",
+                        fix=f"e.g. special_cases=({special_cases!r},)")
+    _check(bandwidths, rates, working_set, memory, timeout, tuple(special_cases) if special else ())
+    cases = tuple(c for c in SPECIAL if c in special_cases) if special else ()
     if not 1 <= special_ws <= memory // 2:
         raise SpecError("special_working_set", f"{special_ws!r} MiB: must be 1 to memory/2",
                         fix="e.g. special_working_set=4")
@@ -107,7 +129,7 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
     own = guest is None
     if guest is None:
         guest = LiveGuest(memory=memory, image=image, working_set=working_set)
-    plan(progress, int(own) + len(bandwidths) * len(rates) + (4 if special else 0))   # boot, each migration
+    plan(progress, int(own) + len(bandwidths) * len(rates) + len(cases))   # boot, each migration
     with rows.guard():
         try:
             if own:
@@ -124,16 +146,14 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
                     rows.add(case="precopy", **row)
                     say(progress, _said(row))
                     advance(progress)
-            if special:
+            if cases:
                 # the first pass at special_bandwidth, then the link drops to special_later MiB/s: each round
                 # sends the small working set the guest keeps rewriting (about a second), more than the pause
                 # limit allows, so pre-copy cannot converge; QEMU syncs the dirty log at the end of each round,
                 # so auto-converge (which judges once a second, at a sync) gets to act within the time limit.
                 # The lesson does not wait for the first pass over ~100 MiB at a few MiB/s.
-                for case, caps, after in (("non-converging", {}, None),
-                                          ("auto-converge", {"auto-converge": True}, None),
-                                          ("postcopy", {"postcopy-ram": True}, 1.0),
-                                          ("stop-and-copy", {}, None)):
+                for case in cases:
+                    caps, after = _SPECIAL_RUN[case]
                     say(progress, f"{case}: {special_bandwidth} then {special_later} MiB/s, "
                                   f"guest dirtying {special_rate:g} MiB/s of {special_ws} MiB")
                     row = guest.migrate(bandwidth_mbs=special_bandwidth, later_bandwidth_mbs=special_later,
@@ -151,6 +171,20 @@ def run(quick: bool = False, progress: Progress = None, *, bandwidths: Optional[
     df = rows.frame()
     df.attrs["timelines"] = timelines
     df.attrs["guests_lost"] = guest.lost
+    return df
+
+
+def combine(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Frames of several :func:`run` calls on one guest (a lesson's steps) as one frame: the rows in order,
+    ``attrs["timelines"]`` merged, ``attrs["guests_lost"]`` the guest's count after the last run."""
+    import pandas as pd
+    if not frames:
+        raise SpecError("frames", "no frames to combine", fix="e.g. combine(grid, special)")
+    df = pd.concat(frames, ignore_index=True)
+    timelines: Dict[str, List[Dict[str, Any]]] = {}
+    for f in frames:
+        timelines.update(f.attrs.get("timelines", {}))
+    df.attrs = {"timelines": timelines, "guests_lost": max(int(f.attrs.get("guests_lost", 0)) for f in frames)}
     return df
 
 

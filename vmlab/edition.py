@@ -254,12 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     t0 = time.monotonic()
     rows = render(quick=args.quick, only=args.only, timeout=args.timeout, out_dir=args.out)
-    bad = [x for x in rows if x["status"] != "ok"]
-    print(f"total {time.monotonic() - t0:.0f} s; HTML in {args.out}/index.html")
-    if bad:
-        print(f"{len(bad)} notebook(s) failed: " + ", ".join(x["notebook"] for x in bad), file=sys.stderr)
-        return 1
-    return 0
+    return lessons.report_rendered(rows, t0, args.out)
 
 
 if __name__ == "__main__":

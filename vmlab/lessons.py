@@ -579,25 +579,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.cmd == "nav":
         changed = nav(args.notebooks, check=args.check)
-        for p in changed:
-            print(("stale: " if args.check else "updated: ") + p.name)
-        if not changed:
-            print("nav cells up to date")
+        print("\n".join(("stale: " if args.check else "updated: ") + p.name for p in changed) or "nav cells up to date")
         return 1 if (args.check and changed) else 0
     if args.cmd == "_execute":
         try:
             execute_one(args.src, args.out, args.timeout, args.quick)
         except Exception as exc:  # the parent reports it
             ename = getattr(exc, "ename", None)     # nbclient's CellExecutionError: the cell's own error
-            if ename:
-                print(f"{ename}: {getattr(exc, 'evalue', '')}", file=sys.stderr)
-            else:
-                print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"{ename}: {getattr(exc, 'evalue', '')}" if ename else f"{type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         return 0
     t0 = time.monotonic()
     rows = render(quick=args.quick, only=args.only, timeout=args.timeout, directory=args.notebooks,
                   out_dir=args.out)
+    return report_rendered(rows, t0, args.out)
+
+
+def report_rendered(rows: List[Dict[str, Any]], t0: float, out: Path) -> int:
+    """Print the rendered notebooks' timing table and the total; the exit status (1: none matched, or one failed)."""
     if not rows:
         print("no notebooks matched", file=sys.stderr)
         return 1
@@ -607,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for row in rows:
         print(f"{row['notebook']:<{w}}  {row['seconds']:>7}  {row['status']:<7}  {row['peak_qemu_rss_mb']!s:>16}  "
               f"{row['cpu_s']:>6}")
-    print(f"total {time.monotonic() - t0:.0f} s; HTML in {args.out}/index.html")
+    print(f"total {time.monotonic() - t0:.0f} s; HTML in {out}/index.html")
     if bad:
         print(f"{len(bad)} notebook(s) failed: " + ", ".join(r["notebook"] for r in bad), file=sys.stderr)
         return 1

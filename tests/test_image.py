@@ -317,9 +317,13 @@ def test_build_reuse_and_damaged_image_rebuilt(env, fake_kernel, monkeypatch):
     assert m["outputs"]["initrd.cpio"]["size"] == img.cpio.stat().st_size
     assert m["outputs"]["initrd.lz4"]["size"] == img.initrd.stat().st_size < img.cpio.stat().st_size
     assert img.initrd.name == "initrd.lz4" and img.initrd.read_bytes()[:4] == LZ4_LEGACY_MAGIC
+    assert img.initrd_all is not None and img.initrd_all.read_bytes()[:4] == LZ4_LEGACY_MAGIC
+    assert m["outputs"]["initrd-all.lz4"]["size"] == img.initrd_all.stat().st_size
     lz4 = subprocess.run(["lz4", "-dc", str(img.initrd)], capture_output=True, check=True).stdout
-    assert lz4 == img.cpio.read_bytes(), "initrd.lz4 holds exactly the cpio"
+    assert lz4 == img.cpio.read_bytes(), "no modules: initrd.lz4 holds exactly the cpio"
     assert m["modules"] == [] and "virtio_pci" in m["modules_missing"]
+    assert m["modules_base"] == [] and m["initrd_optional_modules"] == 0
+    assert img.initrd_for(["e1000"]) == img.initrd_all and img.initrd_for([]) == img.initrd
     assert stat.S_IMODE(img.root.stat().st_mode) == 0o700
     assert stat.S_IMODE(img.initrd.stat().st_mode) == 0o600
 
@@ -383,10 +387,10 @@ def _identity(img: vi.GuestImage) -> dict:
 # --------------------------------------------------------------------------- integration
 
 
-def _boot(img: vi.GuestImage, append: str = "") -> tuple[str, float, int]:
+def _boot(img: vi.GuestImage, append: str = "", initrd: Path | None = None) -> tuple[str, float, int]:
     cmd = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
            "-M", "pc", "-m", "128", "-accel", "tcg",
-           "-kernel", str(img.kernel), "-initrd", str(img.initrd),
+           "-kernel", str(img.kernel), "-initrd", str(initrd or img.initrd),
            "-append", f"console=ttyS0 quiet panic=-1 {append}".strip(),
            "-serial", "stdio", "-no-reboot"]
     t0 = time.monotonic()
@@ -442,8 +446,44 @@ def test_real_image_boots_and_loads_modules(real_image):
 
 
 @pytest.mark.integration
+def test_real_image_initrd_split(real_image, tmp_path):
+    """initrd.lz4 carries the base modules only; initrd-all.lz4 is it plus every other file of initrd.cpio."""
+    img = real_image
+    assert img.initrd_all is not None
+    base = subprocess.run(["lz4", "-dc", str(img.initrd)], capture_output=True, check=True).stdout
+    whole = subprocess.run(["lz4", "-dc", str(img.initrd_all)], capture_output=True, check=True).stdout
+    assert whole.startswith(base) and len(whole) > len(base)
+    assert img.initrd_all.read_bytes().startswith(img.initrd.read_bytes())
+    (tmp_path / "base.cpio").write_bytes(base)
+    (tmp_path / "rest.cpio").write_bytes(whole[len(base):])
+    in_base = {e["name"] for e in vi.read_cpio(tmp_path / "base.cpio")}
+    in_rest = {e["name"] for e in vi.read_cpio(tmp_path / "rest.cpio")}
+    every = {e["name"] for e in vi.read_cpio(img.cpio)}
+    assert in_base | in_rest == every
+    kos = {n for n in every if n.endswith(".ko")}
+    base_kos = {n for n in in_base if n.endswith(".ko")}
+    from vmlab.image.modules import modname
+    assert {modname(n) for n in base_kos} == img.base_modules == set(img.manifest["modules_base"])
+    assert {n for n in in_rest if n.endswith(".ko")} == kos - base_kos
+    assert len(kos - base_kos) == img.manifest["initrd_optional_modules"] > 30
+    assert {"virtio_pci", "virtio_console", "button", "evdev"} <= img.base_modules
+    assert "e1000" not in img.base_modules and "kvm" not in img.base_modules
+
+
+def test_init_loads_exactly_the_base_modules_of_modules_txt():
+    """/init's first module list and the "base" lines of modules.txt name the same modules (initrd.lz4 holds those)."""
+    from vmlab.image.modules import base_modules_txt
+    init = (REPO_GUEST / "init").read_text()
+    line = next(ln for ln in init.splitlines() if ln.startswith("modules="))
+    assert sorted(line.split("=", 1)[1].strip('"').split()) == sorted(n for n, _ in base_modules_txt(
+        REPO_GUEST / "modules.txt"))
+
+
+@pytest.mark.integration
 def test_real_image_module_options_from_cmdline(real_image):
-    out, _seconds, _rc = _boot(real_image, "libata.dma=0 vmlab.modules=ata_piix")
+    initrd = real_image.initrd_for(["ata_piix"])
+    assert initrd == real_image.initrd_all
+    out, _seconds, _rc = _boot(real_image, "libata.dma=0 vmlab.modules=ata_piix", initrd)
     assert "AGENT-STUB-END" in out, out[-3000:]
     modules = out.split("== /proc/modules", 1)[1].split("==", 1)[0]
     assert "ata_piix" in modules and "libata" in modules

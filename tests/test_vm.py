@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,10 +48,33 @@ def test_the_guest_boots_what_the_image_and_the_fast_settings_say(vm, image):
     assert image.initrd.name == "initrd.lz4" and freed == [lz4_pages * 4], (freed, lz4_pages)
     assert sorted(set(re.findall(r"initcall (\S+) blacklisted", dmesg))) == sorted(SKIPPED_INITCALLS)
     assert trim_zero_tails(image.kernel, dry_run=True) == 0, "the image's vmlinux stores no zero tails"
+    # the default guest's initramfs carries the base modules only (initrd-all.lz4 has the others)
+    kos = vm.run("find /lib/modules -name '*.ko'").stdout.split()
+    assert sorted(os.path.basename(k)[:-3].replace("-", "_") for k in kos) == sorted(image.base_modules)
+    loaded = {line.split()[0] for line in vm.run("cat /proc/modules").stdout.splitlines()}
+    assert loaded == set(image.base_modules), loaded
+    # QEMU runs without transparent huge pages (reaper.qemu_preexec): 4 KiB pages of guest RAM
+    status = Path(f"/proc/{vm.pid}/status").read_text()
+    assert re.search(r"^THP_enabled:\s+0$", status, re.M), status
+    rollup = Path(f"/proc/{vm.pid}/smaps_rollup").read_text()
+    assert re.search(r"^AnonHugePages:\s+0 kB$", rollup, re.M), rollup
     vm.run("mkdir -p /run/t && mount -t tracefs none /run/t")
     found = vm.run("find /run/t | wc -l; test -e /run/t/events && echo events || true").stdout.split()
     assert found[1:] == [] and int(found[0]) < 100, f"tracefs was populated ({found}; ~9,700 files when it is)"
     vm.run("umount /run/t")
+
+
+def test_a_guest_that_loads_other_modules_boots_initrd_all(image):
+    """boot_initrd: the base initramfs unless the spec's guest loads a module it does not carry."""
+    from vmlab import NIC, Disk, MachineSpec
+    from vmlab.vm.qemu import boot_initrd
+    assert image.initrd_all is not None and image.initrd_all != image.initrd
+    assert boot_initrd(MachineSpec(), image) == image.initrd
+    assert boot_initrd(MachineSpec(modules=("evdev",)), image) == image.initrd      # a base module
+    for spec in (MachineSpec(modules=("e1000",)), MachineSpec(nested=True), MachineSpec(balloon=True),
+                 MachineSpec(nics=(NIC(model="e1000"),)),
+                 MachineSpec(disks=(Disk(size="8M"),), kernel_args="vmlab.root=/dev/vda")):
+        assert boot_initrd(spec, image) == image.initrd_all, spec
 
 
 def test_run_timeout_and_concurrent_commands(vm):

@@ -203,12 +203,14 @@ def pin_image(image: GuestImage) -> Tuple[GuestImage, Path]:
     """
     sweep_pinned()
     d = Path(tempfile.mkdtemp(prefix=f"pinned-image-{os.getpid()}-", dir=cache_dir()))
-    for src in (image.kernel, image.initrd):
+    srcs = [image.kernel, image.initrd] + ([image.initrd_all] if image.initrd_all else [])
+    for src in srcs:
         try:
             os.link(src, d / src.name)
         except OSError:
             shutil.copy2(src, d / src.name)
-    return dataclasses.replace(image, kernel=d / image.kernel.name, initrd=d / image.initrd.name), d
+    return dataclasses.replace(image, kernel=d / image.kernel.name, initrd=d / image.initrd.name,
+                               initrd_all=d / image.initrd_all.name if image.initrd_all else None), d
 
 
 class LiveGuest:

@@ -13,8 +13,14 @@ What it makes, in ``cache_dir()/images/<key>/``:
     with their dependency closure (plus a ``modules.dep`` so busybox ``modprobe`` resolves
     dependencies in the guest).
 ``initrd.lz4``
-    the same cpio compressed with ``lz4 -l``: what QEMU boots (``GuestImage.initrd``; the cpio
-    is ``GuestImage.cpio``). Smaller in QEMU's memory and in the guest's (docs/boot.md).
+    the same cpio without the optional kernel modules (those not marked ``base`` in
+    ``modules.txt``), compressed with ``lz4 -l``: what QEMU boots for a guest that loads only the
+    base modules (``GuestImage.initrd``; the whole cpio is ``GuestImage.cpio``). Smaller in QEMU's
+    memory and in the guest's (docs/boot.md).
+``initrd-all.lz4``
+    ``initrd.lz4`` followed by a second LZ4 frame with a cpio of the optional modules: what a
+    guest that loads any of them boots (``GuestImage.initrd_all``; ``GuestImage.initrd_for``
+    picks one of the two).
 ``manifest.json``
     what went in (kernel package and version, busybox, modules included and
     missing, gcc, sizes and sha256 of the outputs, build seconds).

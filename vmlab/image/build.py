@@ -5,8 +5,8 @@ sources directory, gcc), so a second call only hashes a few small files and retu
 cached image (well under a second). Steps of a build, in a private temp dir under the
 images dir: extract the kernel package and run depmod; build the root file system (fails
 fast on a missing required module); decompress the kernel to ``vmlinux`` and check its PVH
-note and stop storing its zero tails; write ``initrd.cpio`` and the ``initrd.lz4`` QEMU boots; write the
-manifest; rename into place.
+note and stop storing its zero tails; write ``initrd.cpio`` and the two initramfs files QEMU boots
+(``initrd.lz4`` without the optional modules, ``initrd-all.lz4`` with them); write the manifest; rename into place.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import stat
 import tempfile
 import time
@@ -39,13 +40,14 @@ from .cpio import CpioEntry, compress_lz4, write_cpio
 from .elf import elf_info, extract_vmlinux, trim_zero_tails
 from .guesttools import check_guest_dir, find_busybox, gcc_version
 from .kernel import KernelSource, resolve_kernel
-from .modules import depmod, prepare_modules_dir, signatures_enforced
+from .modules import depmod, optional_module_files, prepare_modules_dir, signatures_enforced
 from .rootfs import build_rootfs
 from .util import Progress, cached_sha256, resolve_guest_dir, rmtree, say, sha256_file, umask, write_json
 
 #: Bump when the builder changes what it produces; it is part of every key.
-BUILDER_VERSION = "vmlab-image-4"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped;
-# 4: vmlinux's zero tails not stored, initrd.lz4 booted
+BUILDER_VERSION = "vmlab-image-5"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped;
+# 4: vmlinux's zero tails not stored, initrd.lz4 booted; 5: initrd.lz4 without the optional modules, initrd-all.lz4,
+# guest tools stripped
 
 
 #: device nodes every initramfs gets (creating them as files needs root)
@@ -211,16 +213,35 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
                              "with CONFIG_PVH=y")
     manifest["vmlinux_zeros_not_stored"] = trim_zero_tails(vmlinux)
 
-    say(progress, "writing initrd.cpio and initrd.lz4")
+    say(progress, "writing initrd.cpio, initrd.lz4 and initrd-all.lz4")
     cpio = out / "initrd.cpio"
     n = write_cpio(rootfs, cpio, extra=DEVICE_NODES)
-    compress_lz4(cpio, out / "initrd.lz4")
+    optional = optional_module_files(rootfs, version, manifest["modules_base"])
+    _write_initrds(rootfs, out, work, optional)
     files = [out / name for name in OUTPUTS]
     for p in files:
         p.chmod(0o600)
     manifest["initrd_entries"] = n
+    manifest["initrd_optional_modules"] = len(optional)
     manifest["outputs"] = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     manifest["build_seconds"] = round(time.monotonic() - t0, 2)
     write_json(out / "manifest.json", manifest)
     out.chmod(0o700)
     return manifest
+
+
+def _write_initrds(rootfs: Path, out: Path, work: Path, optional: set[str]) -> None:
+    """``initrd.lz4``: the root file system without the ``optional`` module files (what a guest
+    that loads only the base modules boots); ``initrd-all.lz4``: the same bytes followed by a
+    second LZ4 frame holding a cpio of the optional modules. The kernel unpacks concatenated
+    archives in one pass (and so does ``lz4 -dc``), so that guest sees every file of ``initrd.cpio``.
+    """
+    base, rest = work / "base.cpio", work / "optional.cpio"
+    write_cpio(rootfs, base, extra=DEVICE_NODES, include=lambda rel: rel not in optional)
+    write_cpio(rootfs, rest, include=lambda rel: rel in optional)
+    compress_lz4(base, out / "initrd.lz4")
+    compress_lz4(rest, work / "optional.lz4")
+    with open(out / "initrd-all.lz4", "wb") as dest:
+        for part in (out / "initrd.lz4", work / "optional.lz4"):
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, dest, 1 << 20)

@@ -1,8 +1,9 @@
 """The image cache: ``cache_dir()/images/<key>/`` with a manifest, checked before use.
 
 A built image is a directory named by its key holding ``vmlinux``, ``initrd.cpio`` (the root file system, read by
-:func:`~vmlab.image.unpack_rootfs`), ``initrd.lz4`` (the same, compressed: what QEMU boots) and ``manifest.json``
-(sizes and sha256 of all three). Builders take an exclusive ``flock`` on
+:func:`~vmlab.image.unpack_rootfs`), ``initrd.lz4`` (the same without the optional kernel modules, compressed: what
+QEMU boots for a guest that loads only the base ones), ``initrd-all.lz4`` (with them) and ``manifest.json`` (sizes
+and sha256 of all four). Builders take an exclusive ``flock`` on
 ``images/.lock``; a build goes to ``images/.build-<key>-*`` and is renamed into place, so a
 reader never sees half an image. The newest :data:`KEEP_IMAGES` images are kept.
 """
@@ -17,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from .. import config
 from ..errors import ImageError
@@ -27,7 +28,7 @@ from .util import Progress, rmtree, say, sha256_file, umask
 
 KEEP_IMAGES = 3        # images kept in the cache; a VM already running keeps its open files
 RECENT_USE_S = 6 * 3600  # an image used this recently is never pruned (another process may boot it next)
-OUTPUTS = ("vmlinux", "initrd.cpio", "initrd.lz4")
+OUTPUTS = ("vmlinux", "initrd.cpio", "initrd.lz4", "initrd-all.lz4")
 
 
 @dataclass(frozen=True)
@@ -35,22 +36,34 @@ class GuestImage:
     """A built guest image (kernel + initramfs) in the cache."""
 
     kernel: Path          # uncompressed vmlinux (ELF with PVH note) for -kernel
-    initrd: Path          # the initramfs for -initrd: the newc cpio compressed with lz4 -l
+    initrd: Path          # the initramfs for -initrd: the newc cpio without the optional modules, lz4 -l
     kernel_version: str   # e.g. "6.1.0-56-amd64"
     key: str              # hex digest of all inputs (16 chars)
     root: Path            # the cache directory of this build
     manifest: dict[str, Any] = field(compare=False, hash=False, repr=False)
+    initrd_all: Optional[Path] = None  # initrd followed by the optional modules (None: initrd has them all)
 
     @classmethod
     def from_dir(cls, root: Path, manifest: dict[str, Any]) -> GuestImage:
         """The image in cache directory ``root`` described by its ``manifest``."""
         return cls(kernel=root / "vmlinux", initrd=root / "initrd.lz4",
                    kernel_version=manifest["kernel_version"], key=manifest["key"],
-                   root=root, manifest=manifest)
+                   root=root, manifest=manifest, initrd_all=root / "initrd-all.lz4")
+
+    @property
+    def base_modules(self) -> frozenset[str]:
+        """The modules :attr:`initrd` carries (every guest loads them at boot; with dependencies)."""
+        return frozenset(self.manifest.get("modules_base", ()))
+
+    def initrd_for(self, modules: Iterable[str]) -> Path:
+        """The initramfs to boot for a guest that loads ``modules`` beyond the base ones:
+        :attr:`initrd` when all are in it, else :attr:`initrd_all`."""
+        extra = {m.replace("-", "_") for m in modules} - self.base_modules
+        return self.initrd_all if extra and self.initrd_all is not None else self.initrd
 
     @property
     def cpio(self) -> Path:
-        """The uncompressed newc cpio of the root file system (what :attr:`initrd` holds, for reading)."""
+        """The uncompressed newc cpio of the whole root file system (what :attr:`initrd_all` holds, for reading)."""
         return self.root / "initrd.cpio"
 
     @property
@@ -117,9 +130,10 @@ def check_cached(root: Path, key: str, verify: bool) -> tuple[Optional[dict[str,
     with open(root / "initrd.cpio", "rb") as f:
         if f.read(6) != NEWC_MAGIC:
             return None, "initrd.cpio is not a newc cpio"
-    with open(root / "initrd.lz4", "rb") as f:
-        if f.read(4) != LZ4_LEGACY_MAGIC:
-            return None, "initrd.lz4 is not a legacy LZ4 frame"
+    for name in ("initrd.lz4", "initrd-all.lz4"):
+        with open(root / name, "rb") as f:
+            if f.read(4) != LZ4_LEGACY_MAGIC:
+                return None, f"{name} is not a legacy LZ4 frame"
     return manifest, ""
 
 

@@ -77,8 +77,11 @@ def _build(force: bool, as_json: bool) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(f"kernel  {img.kernel}  ({result['sizes']['vmlinux']} bytes)")
-        print(f"initrd  {img.initrd}  ({result['sizes']['initrd.lz4']} bytes; "
-              f"{result['sizes']['initrd.cpio']} uncompressed)")
+        print(f"initrd  {img.initrd}  ({result['sizes']['initrd.lz4']} bytes: the base modules only)")
+        if img.initrd_all is not None:
+            print(f"        {img.initrd_all}  ({result['sizes']['initrd-all.lz4']} bytes: all "
+                  f"{len(img.manifest.get('modules', []))} modules)")
+        print(f"rootfs  {img.cpio}  ({result['sizes']['initrd.cpio']} bytes, uncompressed)")
         print(f"version {img.kernel_version}  key {img.key}")
         if result["modules_missing"]:
             print(f"modules missing from this kernel: {', '.join(result['modules_missing'])}")

@@ -12,7 +12,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, TypedDict
+from typing import Callable, Iterable, Optional, TypedDict
 
 from ..errors import ImageError
 from ..tools import need_tool, run_tool
@@ -73,13 +73,18 @@ def _scan(src: Path) -> dict[str, CpioEntry]:
     return entries
 
 
-def write_cpio(src_dir: Optional[Path], out: Path, extra: Iterable[CpioEntry] = ()) -> int:
+def write_cpio(src_dir: Optional[Path], out: Path, extra: Iterable[CpioEntry] = (),
+               include: Optional[Callable[[str], bool]] = None) -> int:
     """Write ``src_dir`` (plus ``extra`` entries) as a deterministic newc cpio.
 
     Entries are sorted by path, with mtime 0, uid/gid 0 and sequential inode
-    numbers; hard links are not preserved. Returns the number of entries.
+    numbers; hard links are not preserved. ``include`` (a path relative to ``src_dir``
+    -> keep it?) filters what is taken from ``src_dir``; the parents of what is kept
+    are always written. Returns the number of entries.
     """
     entries = _scan(Path(src_dir)) if src_dir is not None else {}
+    if include is not None:
+        entries = {rel: e for rel, e in entries.items() if include(rel)}
     for e in extra:
         entries[e.name.strip("/")] = CpioEntry(e.name.strip("/"), e.mode, e.data, e.rdev,
                                                e.source, e.size)

@@ -1,7 +1,7 @@
 """Kernel modules for the guest: ``modules.txt``, the dependency closure, copying, depmod.
 
 ``guest/modules.txt`` lists the modules the lessons need (one per line; ``required`` marks
-those without which the image is useless). :func:`module_closure` adds their dependencies
+those without which the image is useless, ``base`` those every guest loads at boot). :func:`module_closure` adds their dependencies
 (``modules.dep``), aliases and soft dependencies; the copies are decompressed to plain
 ``.ko`` files and ``depmod`` writes a ``modules.dep`` so busybox ``modprobe`` resolves
 dependencies in the guest.
@@ -41,15 +41,23 @@ def modname(path_or_name: str) -> str:
     return base.replace("-", "_")
 
 
-def parse_modules_txt(path: Path) -> list[tuple[str, bool]]:
-    """(name, required) per line of a modules.txt (``#`` comments, blank lines skipped)."""
-    wanted = []
+def _modules_txt_lines(path: Path) -> list[list[str]]:
+    lines = []
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].split()
-        if not line:
-            continue
-        wanted.append((line[0], "required" in line[1:]))
-    return wanted
+        if line:
+            lines.append(line)
+    return lines
+
+
+def parse_modules_txt(path: Path) -> list[tuple[str, bool]]:
+    """(name, required) per line of a modules.txt (``#`` comments, blank lines skipped)."""
+    return [(line[0], "required" in line[1:]) for line in _modules_txt_lines(path)]
+
+
+def base_modules_txt(path: Path) -> list[tuple[str, bool]]:
+    """The lines of a modules.txt marked ``base`` (what every guest's ``/init`` loads), as (name, required)."""
+    return [(line[0], "required" in line[1:]) for line in _modules_txt_lines(path) if "base" in line[1:]]
 
 
 def _rel_module_path(p: str, moddir: Path) -> str:
@@ -245,3 +253,11 @@ def install_modules(moddir: Path, closure: ModuleClosure, dest: Path, version: s
             if modname(line.strip()) in keep))
     if closure["paths"]:
         depmod(dest, version)
+
+
+def optional_module_files(rootfs: Path, version: str, base: Sequence[str]) -> set[str]:
+    """The module files in ``rootfs`` (paths relative to it) that are not in ``base`` (module names):
+    what ``initrd.lz4`` leaves out and ``initrd-all.lz4`` adds."""
+    mdir = rootfs / "lib" / "modules" / version
+    keep = {modname(n) for n in base}
+    return {str(p.relative_to(rootfs)) for p in mdir.rglob("*.ko") if modname(p.name) not in keep}

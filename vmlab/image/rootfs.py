@@ -26,7 +26,7 @@ from .guesttools import (
     gcc_version,
     install_guest_tools,
 )
-from .modules import install_modules, module_closure, parse_modules_txt
+from .modules import base_modules_txt, install_modules, module_closure, parse_modules_txt
 from .util import Progress, resolve_guest_dir, say, sha256_file
 
 _DIRS = ("bin", "dev", "etc/vmlab", "lib", "mnt", "proc", "root", "run", "sys", "tmp", "var", "usr")
@@ -64,11 +64,14 @@ def build_rootfs(dest_dir: Path, *, kernel_version: str, guest_dir: Optional[Pat
         install_modules(Path(modules_dir), closure, dest, kernel_version,
                         strip_signatures=strip_module_signatures)
         info["modules"] = closure["names"]
+        # what every guest loads: initrd.lz4 carries only these (build.py splits the archive)
+        info["modules_base"] = module_closure(Path(modules_dir), base_modules_txt(gdir / "modules.txt"))["names"]
         info["modules_missing"] = closure["missing"]
         info["modules_builtin"] = closure["builtin"]
         info["modules_note"] = "signatures stripped" if strip_module_signatures else ""
     else:
         info["modules"] = []
+        info["modules_base"] = []
         info["modules_missing"] = [n for n, _ in wanted]
         info["modules_builtin"] = []
         info["modules_note"] = ("no modules: VMLAB_KERNEL_MODULES was not set, so the image "

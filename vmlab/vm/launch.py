@@ -33,8 +33,8 @@ from ..tools import qemu_img
 from .agent import AgentClient
 from .console import user_only
 from .core import VMCore
-from .qemu import build_launch, launch_fix
-from .reaper import claim_dir, finalizer, pdeathsig_preexec, pdeathsig_prefix, register, unregister
+from .qemu import boot_initrd, build_launch, launch_fix
+from .reaper import claim_dir, finalizer, pdeathsig_prefix, qemu_preexec, register, unregister
 from .runner import running_loop
 from .state import Trigger
 
@@ -90,7 +90,7 @@ class LaunchMixin(VMCore):
         incoming_file = open(incoming, "rb") if incoming else None    # noqa: SIM115 - closed below
         try:
             self.launch = build_launch(
-                self.spec, accel=self.accel or "tcg", kernel=image.kernel, initrd=image.initrd,
+                self.spec, accel=self.accel or "tcg", kernel=image.kernel, initrd=boot_initrd(self.spec, image),
                 qmp_fd=qmp_qemu.fileno(), agent_fd=agent_qemu.fileno(), console_fd=con_qemu.fileno(),
                 private_dir=self.private_dir, disk_paths=disk_paths, nic_fds=nic_fds,
                 paused=paused, incoming_fd=incoming_file.fileno() if incoming_file else None,
@@ -104,7 +104,7 @@ class LaunchMixin(VMCore):
                 self._proc = subprocess.Popen(
                     pdeathsig_prefix() + self.launch.argv, pass_fds=self.launch.pass_fds,
                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
-                    preexec_fn=pdeathsig_preexec())
+                    preexec_fn=qemu_preexec())
             except OSError as exc:
                 raise LaunchError(f"cannot execute QEMU: {exc}", fix="check VMLAB_QEMU / install qemu-system-x86",
                                   **self._err_kw()) from exc

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..image import GuestImage
 from ..spec import NIC_MODELS, MachineSpec
 from ..tools import qemu_binary
 
@@ -74,12 +75,8 @@ class Launch:
     ids: Dict[str, str] = field(default_factory=dict)
 
 
-def kernel_cmdline(spec: MachineSpec) -> str:
-    """The guest kernel's command line for *spec*: console, the modules /init loads, extras."""
-    console = "hvc0" if spec.console == "virtio" else "ttyS0"
-    words = [BASE_KERNEL_ARGS.format(console=console), FAST_KERNEL_ARGS]
-    if spec.machine == "pc":
-        words.append(PC_KERNEL_ARGS)
+def spec_modules(spec: MachineSpec) -> List[str]:
+    """The modules /init loads for *spec* beyond the base ones (``vmlab.modules=``), in order."""
     mods = list(spec.modules)
     for d in spec.disks:
         mods += {"virtio": ["virtio_blk"], "ide": ["ata_piix", "sd_mod"], "ahci": ["ahci", "sd_mod"],
@@ -95,6 +92,27 @@ def kernel_cmdline(spec: MachineSpec) -> str:
     for m in mods:
         if m not in seen:
             seen.append(m)
+    return seen
+
+
+def boot_initrd(spec: MachineSpec, image: GuestImage) -> Path:
+    """The initramfs *spec* boots: the image's base one unless the guest loads other modules
+    (``vmlab.modules=``, KVM for ``nested``, a disk root's ``virtio_blk`` and ``ext4``)."""
+    mods = spec_modules(spec)
+    if spec.nested:
+        mods.append("kvm")
+    if "vmlab.root=" in spec.kernel_args:
+        mods += ["virtio_blk", "ext4"]
+    return image.initrd_for(mods)
+
+
+def kernel_cmdline(spec: MachineSpec) -> str:
+    """The guest kernel's command line for *spec*: console, the modules /init loads, extras."""
+    console = "hvc0" if spec.console == "virtio" else "ttyS0"
+    words = [BASE_KERNEL_ARGS.format(console=console), FAST_KERNEL_ARGS]
+    if spec.machine == "pc":
+        words.append(PC_KERNEL_ARGS)
+    seen = spec_modules(spec)
     if seen:
         words.append("vmlab.modules=" + ",".join(seen))
     if spec.nested:

@@ -27,7 +27,7 @@ from ..image import GuestImage
 from ..spec import MachineSpec
 from ..tools import qemu_version
 from .core import VMCore
-from .qemu import build_launch
+from .qemu import boot_initrd, build_launch
 from .state import Trigger
 
 __all__ = ["WARM_KEEP", "WarmMixin", "prune_snapshots", "snapshot_path"]
@@ -37,7 +37,7 @@ WARM_KEEP = 6          # warm snapshots kept in cache_dir()/warm (least recently
 
 def snapshot_path(spec: MachineSpec, accel: str, image: GuestImage) -> Path:
     """Where the warm snapshot for *spec* under *accel* with *image* is (or would be)."""
-    argv = build_launch(spec, accel=accel, kernel=image.kernel, initrd=image.initrd,
+    argv = build_launch(spec, accel=accel, kernel=image.kernel, initrd=boot_initrd(spec, image),
                         qmp_fd=3, agent_fd=4, console_fd=5, private_dir=Path("/"), disk_paths=[],
                         nic_fds=[None] * len(spec.nics), trace_file=Path("/trace")).argv
     # the VM's name does not change the guest's state: VMs of any name share a snapshot

@@ -24,6 +24,7 @@ from .. import config
 from ..errors import ImageError
 from .cpio import LZ4_LEGACY_MAGIC, NEWC_MAGIC
 from .elf import ELF_MAGIC
+from .modules import modname
 from .util import Progress, rmtree, say, sha256_file, umask
 
 KEEP_IMAGES = 3        # images kept in the cache; a VM already running keeps its open files
@@ -58,7 +59,7 @@ class GuestImage:
     def initrd_for(self, modules: Iterable[str]) -> Path:
         """The initramfs to boot for a guest that loads ``modules`` beyond the base ones:
         :attr:`initrd` when all are in it, else :attr:`initrd_all`."""
-        extra = {m.replace("-", "_") for m in modules} - self.base_modules
+        extra = {modname(m) for m in modules} - self.base_modules
         return self.initrd_all if extra and self.initrd_all is not None else self.initrd
 
     @property

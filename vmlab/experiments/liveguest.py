@@ -234,6 +234,7 @@ class LiveGuest:
         self.boots = 0          # guests booted (1, plus one for each guest a migration lost)
         self.lost = 0           # guests that did not survive a migration
         self.last_workload: Dict[str, Any] = {}   # vmbench dirty's JSON when it stopped
+        self.beats_since = 0.0  # host time the running workload started: its heartbeats are the ones after it
 
     # ------------------------------------------------------------ sync face
     def start(self) -> LiveGuest:
@@ -358,6 +359,8 @@ class LiveGuest:
         assert self.vm is not None
         await self._stop_workload()
         ws = working_set or self.working_set
+        # beats before this instant are the stopped workload's (its counter ended high; the new one starts at 1)
+        self.beats_since = time.monotonic()
         await self.vm.run(f"vmbench dirty --mb {ws} --rate-mbs {rate:g} --beat-ms {BEAT_MS} "
                           f"--dst {HOST_IP} --port {HEARTBEAT_PORT} --counter /tmp/vmlab-beats "
                           "> /tmp/vmlab-dirty.json 2>&1 &", timeout=30)
@@ -447,12 +450,14 @@ class LiveGuest:
         if res.converged:
             self.vm = dst
             await self._wait_beats(5, timeout=5)
-            row.update(self.heartbeat.gap(t0 - 0.2, time.monotonic(), self._label(src), self._label(dst)))
+            row.update(self.heartbeat.gap(max(t0 - 0.2, self.beats_since), time.monotonic(), self._label(src),
+                                          self._label(dst)))
             await self._drop(src)
         else:
             # the source never stopped: the guest is where it was; the destination got nothing usable
             await self._drop(dst)
-            row.update(self.heartbeat.gap(t0, time.monotonic(), self._label(src), self._label(dst)))
+            row.update(self.heartbeat.gap(max(t0, self.beats_since), time.monotonic(), self._label(src),
+                                          self._label(dst)))
             row.update(guest_gap_ms=NAN, guest_clock_gap_ms=NAN, counter_kept=None)
         after, why = await self._healthy(stop=fresh, since=0 if res.converged else console_at)
         row.update(guest_ok=after is not None, guest_failure=why)

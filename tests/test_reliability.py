@@ -407,7 +407,7 @@ def test_guest_that_stops_answering_is_a_timeout_naming_the_phase(image):
 
 
 def _seed_cache(dest: Path) -> Path:
-    """A fresh cache with the kernel package linked in (no download)."""
+    """A fresh cache with the kernel packages and the built lesson kernel linked in (no download, no kernel build)."""
     from vmlab.config import cache_dir
     src = cache_dir() / "downloads"
     dest.mkdir(mode=0o700)
@@ -418,6 +418,15 @@ def _seed_cache(dest: Path) -> Path:
                 os.link(p, dest / "downloads" / p.name)
             except OSError:
                 shutil.copy(p, dest / "downloads" / p.name)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    for d in (cache_dir() / "kernels").glob("[0-9a-f]*"):
+        if (d / "build.json").is_file():
+            shutil.copytree(d, dest / "kernels" / d.name, symlinks=True, copy_function=link)
     return dest
 
 

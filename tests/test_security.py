@@ -205,13 +205,17 @@ def test_cached_images_and_warm_snapshots_are_user_only(image):
 
 
 def _nobody_cache() -> Path:
-    """A cache dir owned by nobody, pre-seeded with the kernel package (no download)."""
+    """A cache dir owned by nobody, pre-seeded with the kernel package and the built lesson kernel (no download,
+    no kernel build: the image is built from them)."""
     base = Path(tempfile.mkdtemp(prefix="vmlab-sec-nobody-", dir="/tmp"))
     (base / "cache" / "downloads").mkdir(parents=True)
     src = cache_dir() / "downloads"
     for p in [*src.glob("*.deb"), src / "apt-resolve.json"]:
         if p.is_file():
             shutil.copy(p, base / "cache" / "downloads" / p.name)
+    for d in (cache_dir() / "kernels").glob("[0-9a-f]*"):
+        if d.is_dir() and (d / "build.json").is_file():
+            shutil.copytree(d, base / "cache" / "kernels" / d.name, symlinks=True)
     for p in [base, *base.rglob("*")]:
         os.chown(p, NOBODY, NOBODY)
     os.chmod(base, 0o700)

@@ -14,8 +14,11 @@ variable                 meaning                                            read
                          ``~/.cache/vmlab``
 ``VMLAB_QEMU``           the ``qemu-system-x86_64`` binary (name or path)   :func:`qemu_binary`
 ``VMLAB_ACCEL``          ``tcg`` or ``kvm``: what ``accel="auto"`` means     :func:`accel_override`
+``VMLAB_GUEST_KERNEL``   ``lesson`` (default): the kernel vmlab builds for   :func:`guest_kernel`
+                         the lesson guest from Debian's source package;
+                         ``debian``: Debian's packaged generic kernel
 ``VMLAB_KERNEL``         a kernel file (vmlinuz or vmlinux) instead of      :func:`kernel_file`
-                         Debian's ``linux-image-*-amd64`` package
+                         either
 ``VMLAB_KERNEL_MODULES`` that kernel's ``/lib/modules/<version>`` directory :func:`kernel_modules_dir`
 ``VMLAB_BUSYBOX``        the static busybox put into the guest image        :func:`busybox_override`
 ``VMLAB_VERIFY_IMAGE``   ``1``: check a cached image's sha256 on every use  :func:`verify_image`
@@ -61,7 +64,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from .errors import ImageError
+from .errors import ImageError, SetupError
 
 __all__ = [
     "ENV_VARS",
@@ -73,6 +76,7 @@ __all__ = [
     "class_store",
     "env",
     "env_flag",
+    "guest_kernel",
     "kernel_file",
     "kernel_modules_dir",
     "log_level",
@@ -89,7 +93,8 @@ ENV_VARS: dict[str, str] = {
     "VMLAB_CACHE": "cache directory (default $XDG_CACHE_HOME/vmlab or ~/.cache/vmlab)",
     "VMLAB_QEMU": "the qemu-system-x86_64 binary",
     "VMLAB_ACCEL": "tcg or kvm instead of auto",
-    "VMLAB_KERNEL": "a kernel file instead of Debian's package",
+    "VMLAB_GUEST_KERNEL": "lesson (default: built for the guest from Debian's source) or debian (Debian's package)",
+    "VMLAB_KERNEL": "a kernel file instead of the lesson or Debian kernel",
     "VMLAB_KERNEL_MODULES": "that kernel's /lib/modules/<version> directory",
     "VMLAB_BUSYBOX": "the static busybox for the guest image",
     "VMLAB_VERIFY_IMAGE": "1: check the cached image's sha256 on every use",
@@ -128,6 +133,19 @@ def accel_override() -> Optional[str]:
     """``tcg`` or ``kvm`` from ``$VMLAB_ACCEL`` (what ``accel="auto"`` means), else None."""
     value = env("VMLAB_ACCEL")
     return value if value in ("tcg", "kvm") else None
+
+
+GUEST_KERNELS = ("lesson", "debian")
+
+
+def guest_kernel() -> str:
+    """``$VMLAB_GUEST_KERNEL``: ``lesson`` (the default) or ``debian``; anything else is a ConfigError."""
+    value = (env("VMLAB_GUEST_KERNEL") or "lesson").strip().lower()
+    if value not in GUEST_KERNELS:
+        raise SetupError(f"VMLAB_GUEST_KERNEL={value!r} is not a guest kernel vmlab knows",
+                          fix="set it to lesson (the kernel built for the lesson guest) or debian "
+                              "(Debian's packaged kernel), or unset it")
+    return value
 
 
 def kernel_file() -> Optional[str]:

@@ -3,6 +3,8 @@
 * :func:`kernel_evidence` - what a booted guest's stock kernel carries for para-virtualization: the boot line
   pv_ops prints ("Booting paravirtualized kernel on ..."), how many Xen PV and KVM guest functions are built in
   (``/proc/kallsyms``), which virtio modules are loaded. One agent call on a VM the lesson already has.
+* :func:`stock_image` - the guest image on Debian's packaged kernel (the stock kernel :func:`kernel_evidence`
+  examines in 02.00; the lessons' own kernel is built from its source without Xen support).
 * :func:`barham_rows` - Barham et al., *Xen and the Art of Virtualization* (SOSP 2003), the rows of
   ``data/reference/barham_2003_xen.csv`` that compare a system with native Linux, as a fraction of native
   (with their bound: a point value, at least, or less than).
@@ -27,6 +29,7 @@ from ..plots import KIND_COLORS, OKABE_ITO, axes, device_colors, grouped_bars, i
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..image import GuestImage
     from ..vm import VM
 
 BARHAM_CSV = DATA_DIR / "reference" / "barham_2003_xen.csv"
@@ -62,6 +65,12 @@ def kernel_evidence(vm: VM) -> Dict[str, Any]:
     return {"kernel": parts[4].strip(), "boot_line": line.split("] ", 1)[-1] if line else "",
             "xen_functions": _int(parts[1]), "kvm_functions": _int(parts[2]),
             "virtio_modules": [m for m in parts[3].split() if m]}
+
+
+def stock_image() -> GuestImage:
+    """The guest image on Debian's packaged kernel (built once and cached, like the lessons' image)."""
+    from ..image import ensure_image
+    return ensure_image(guest_kernel="debian")
 
 
 def evidence_table(ev: Dict[str, Any]) -> pd.DataFrame:

@@ -25,8 +25,11 @@ What it makes, in ``cache_dir()/images/<key>/``:
     what went in (kernel package and version, busybox, modules included and
     missing, gcc, sizes and sha256 of the outputs, build seconds).
 
-The kernel is Debian's generic ``linux-image-<ver>-amd64`` package (downloaded with
-``apt-get download``, no root needed) unless ``VMLAB_KERNEL`` names a kernel file
+The kernel is the lesson kernel (:mod:`.lessonkernel`): Debian's ``linux-source-X.Y`` at the version of
+the generic ``linux-image-<ver>-amd64`` package, configured by ``guest/lesson-kernel.config`` and built
+once into ``cache_dir()/kernels/<key>/`` (about 8 minutes on two cores). ``VMLAB_GUEST_KERNEL=debian``
+(or ``ensure_image(guest_kernel="debian")``) takes Debian's packaged kernel instead (downloaded with
+``apt-get download``, no root needed); ``VMLAB_KERNEL`` names a kernel file of yours
 (``VMLAB_KERNEL_MODULES`` optionally names its ``/lib/modules/<ver>`` directory).
 
 The key is a hash of every input, so a second call only hashes a few small files
@@ -34,20 +37,21 @@ and returns the cached image (well under a second).
 
 The rooms (each imports only those above it in this list, and vmlab's bottom layers):
 
-============== ==========================================================================
-``util``       progress, hashing, the guest sources dir, cleanup
-``elf``        ELF facts (PT_INTERP, PVH note), vmlinux out of a bzImage, kernel version
-``cpio``       the deterministic newc writer and a reader
-``debian``     Debian version comparison, which kernel package, ``apt-get download``
-``kernel``     the kernel source: Debian's package or ``VMLAB_KERNEL`` (+ modules dir)
-``modules``    ``modules.txt``, the dependency closure, copying, depmod
-``guesttools`` busybox, gcc, the table of C tools compiled into the guest (add one there)
-``cache``      :class:`GuestImage`, the cache layout, checks, the build lock, pruning
-``rootfs``     the root file system tree (build and unpack)
-``build``      inputs and key, :func:`ensure_image`
-``status``     :func:`image_status` (never builds)
-``cli``        ``python -m vmlab image build|status``
-============== ==========================================================================
+================ ==========================================================================
+``util``         progress, hashing, the guest sources dir, cleanup
+``elf``          ELF facts (PT_INTERP, PVH note), vmlinux out of a bzImage, kernel version
+``cpio``         the deterministic newc writer and a reader
+``debian``       Debian version comparison, which kernel package, ``apt-get download``
+``guesttools``   busybox, gcc, the table of C tools compiled into the guest (add one there)
+``lessonkernel`` the lesson kernel: its key, its build from Debian's source package, its cache
+``kernel``       the kernel source: the lesson kernel, Debian's package or ``VMLAB_KERNEL`` (+ modules dir)
+``modules``      ``modules.txt``, the dependency closure, copying, depmod
+``cache``        :class:`GuestImage`, the cache layout, checks, the build lock, pruning
+``rootfs``       the root file system tree (build and unpack)
+``build``        inputs and key, :func:`ensure_image`
+``status``       :func:`image_status` (never builds)
+``cli``          ``python -m vmlab image build|status``
+================ ==========================================================================
 
 Paths and environment variables come from :mod:`vmlab.config` (``cache_dir()`` lives there).
 """

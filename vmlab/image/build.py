@@ -40,6 +40,7 @@ from .cpio import CpioEntry, compress_lz4, write_cpio
 from .elf import elf_info, extract_vmlinux, trim_zero_tails
 from .guesttools import check_guest_dir, find_busybox, gcc_version
 from .kernel import KernelSource, resolve_kernel
+from .lessonkernel import ensure_lesson_kernel
 from .modules import depmod, optional_module_files, prepare_modules_dir, signatures_enforced
 from .rootfs import build_rootfs
 from .util import Progress, cached_sha256, resolve_guest_dir, rmtree, say, sha256_file, umask, write_json
@@ -83,24 +84,27 @@ def image_key(inputs: dict[str, Any]) -> str:
 
 
 def ensure_image(force: bool = False, progress: Callable[[str], None] | None = None, *,
-                 guest_dir: Path | None = None) -> GuestImage:
+                 guest_dir: Path | None = None, guest_kernel: str | None = None) -> GuestImage:
     """Return the guest image for the current inputs, building it if needed.
 
     Cheap when the image is cached (sizes are checked; sha256 too when
-    ``VMLAB_VERIFY_IMAGE=1`` or ``force``). A damaged cached image is rebuilt.
+    ``VMLAB_VERIFY_IMAGE=1`` or ``force``). A damaged cached image is rebuilt. *guest_kernel*
+    (``"lesson"`` or ``"debian"``) overrides ``VMLAB_GUEST_KERNEL``; the first build of the
+    lesson kernel takes minutes (:mod:`vmlab.image.lessonkernel`), later images reuse it.
     """
     with umask(0o077):
-        return _ensure_image(force, progress, guest_dir)
+        return _ensure_image(force, progress, guest_dir, guest_kernel)
 
 
-def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path]) -> GuestImage:
+def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path],
+                  guest_kernel: Optional[str] = None) -> GuestImage:
     gdir = resolve_guest_dir(guest_dir)
     check_guest_dir(gdir)
     cache = config.cache_dir()
     images = images_dir()
     busybox = find_busybox()
     gcc = gcc_version()
-    kernel = resolve_kernel(progress)
+    kernel = resolve_kernel(progress, guest_kernel=guest_kernel, guest_dir=gdir)
     inputs = image_inputs(kernel, busybox, gdir, gcc)
     key = image_key(inputs)
     final = images / key
@@ -185,6 +189,12 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
         kfile, mdir = _unpack_debian(kernel, work, manifest, progress)
         # Debian's kernels load unsigned modules (tainted); a check per module costs boot time
         strip = not signatures_enforced(work / "extract" / "boot" / f"config-{version}")
+    elif kernel.kind == "lesson":
+        assert kernel.lesson is not None and kernel.kernel_file is not None and kernel.modules_dir is not None
+        ensure_lesson_kernel(kernel.lesson, progress)
+        kfile = kernel.kernel_file
+        manifest["kernel"] = {"source": "lesson", "dir": str(kernel.lesson.dir), **kernel.key_parts}
+        mdir = prepare_modules_dir(kernel.modules_dir, version, work, progress)
     else:
         assert kernel.kernel_file is not None
         kfile = kernel.kernel_file

@@ -52,6 +52,17 @@ class GuestImage:
                    root=root, manifest=manifest, initrd_all=root / "initrd-all.lz4")
 
     @property
+    def kernel_origin(self) -> str:
+        """Where the guest kernel came from, in a few words (for lesson tables)."""
+        k = self.manifest.get("kernel", {})
+        if k.get("source") == "lesson":
+            return (f"built for the lessons from Debian's Linux source ({k.get('source_package')} "
+                    f"{k.get('package_version')}), configured small")
+        if k.get("source") == "debian":
+            return f"Debian's packaged kernel ({k.get('package')} {k.get('package_version')})"
+        return f"the kernel file {k.get('path')} (VMLAB_KERNEL)"
+
+    @property
     def base_modules(self) -> frozenset[str]:
         """The modules :attr:`initrd` carries (every guest loads them at boot; with dependencies)."""
         return frozenset(self.manifest.get("modules_base", ()))

@@ -145,20 +145,21 @@ def newest_generic_kernel(apt_show: str) -> Optional[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- download
-def find_deb(downloads: Path, package: str, version: str) -> Optional[Path]:
+def find_deb(downloads: Path, package: str, version: str, arch: str = "amd64") -> Optional[Path]:
     """The already downloaded .deb of ``package`` ``version``, or None."""
     ver = version.replace(":", "%3a")
-    p = downloads / f"{package}_{ver}_amd64.deb"
+    p = downloads / f"{package}_{ver}_{arch}.deb"
     return p if p.is_file() else None
 
 
-def download_deb(downloads: Path, package: str, version: str, progress: Progress) -> Path:
+def download_deb(downloads: Path, package: str, version: str, progress: Progress, *, arch: str = "amd64",
+                 size: str = "about 70 MB") -> Path:
     """``apt-get download package=version`` into ``downloads`` (once; 0600)."""
-    existing = find_deb(downloads, package, version)
+    existing = find_deb(downloads, package, version, arch)
     if existing:
         return existing
     apt_get = need_tool("apt-get", needed_for="to download the guest kernel")
-    say(progress, f"downloading {package} {version} (about 70 MB) into {downloads}")
+    say(progress, f"downloading {package} {version} ({size}) into {downloads}")
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=downloads))
     try:
         run_tool([apt_get, "download", f"{package}={version}"], cwd=tmp,

@@ -80,6 +80,11 @@ def _image_status(guest_dir: Optional[Path]) -> dict[str, Any]:
     try:
         kernel = resolve_kernel(None, download=False)
         status["kernel_version"] = kernel.version
+        status["kernel_kind"] = kernel.kind
+        if kernel.kind == "lesson" and kernel.lesson is not None and not kernel.lesson.built():
+            status["note"] = (f"the lesson kernel {kernel.version} is not built yet; `python -m vmlab image build` "
+                              f"will build it from {kernel.package} {kernel.package_version} (about 8 min on two "
+                              "cores, once)")
         if kernel.kind == "debian":
             status["kernel_package"] = f"{kernel.package} {kernel.package_version}"
             if kernel.deb is None:

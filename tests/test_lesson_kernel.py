@@ -86,3 +86,19 @@ def test_debian_s_packaged_kernel_is_one_variable_away(monkeypatch):
     with VM(accel="tcg", image=deb, name="debian-kernel") as vm:
         assert vm.run("uname -r").stdout.strip() == deb.kernel_version
         assert vm.run("echo ok").stdout.strip() == "ok"
+
+
+def test_only_the_newest_built_kernels_are_kept(tmp_path):
+    import os
+
+    from vmlab.image.lessonkernel import _prune
+    for i, name in enumerate(["aaaa", "bbbb", "cccc"]):
+        d = tmp_path / name
+        (d / "lib").mkdir(parents=True)
+        (d / "build.json").write_text("{}")
+        os.utime(d / "build.json", (1000 + i, 1000 + i))
+        (tmp_path / f"build-{name}.log").write_text("log")
+    (tmp_path / ".build-dddd-x").mkdir()                       # a build in progress has no build.json: not touched
+    _prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build-dddd-x", "bbbb", "build-bbbb.log", "build-cccc.log",
+                                                           "cccc"]

@@ -59,7 +59,7 @@ def test_the_guest_boots_what_the_image_and_the_fast_settings_say(vm, image):
     assert sorted(os.path.basename(k)[:-3].replace("-", "_") for k in kos) == sorted(image.base_modules)
     loaded = {line.split()[0] for line in vm.run("cat /proc/modules").stdout.splitlines()}
     assert loaded == set(image.base_modules), loaded
-    # QEMU runs without transparent huge pages (reaper.qemu_preexec): 4 KiB pages of guest RAM
+    # QEMU runs without transparent huge pages (reaper.qemu_preexec, inherited from this process): 4 KiB pages
     status = Path(f"/proc/{vm.pid}/status").read_text()
     assert re.search(r"^THP_enabled:\s+0$", status, re.M), status
     rollup = Path(f"/proc/{vm.pid}/smaps_rollup").read_text()

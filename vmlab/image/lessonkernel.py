@@ -49,6 +49,8 @@ LOCALVERSION = "-vmlab"
 #: the build's programs and the Debian packages that have them (``make setup`` installs them)
 BUILD_TOOLS = {"make": "make", "flex": "flex", "bison": "bison", "bc": "bc", "perl": "perl", "tar": "tar",
                "xz": "xz-utils", "depmod": "kmod"}
+#: lesson kernels kept in the cache (a changed configuration builds a new one; ~25 MB each)
+KEEP_KERNELS = 2
 #: free space the build needs in the cache (source tree and objects; removed afterwards)
 BUILD_SPACE = 2 << 30
 _FIX_DEBIAN = "or boot Debian's packaged kernel instead: export VMLAB_GUEST_KERNEL=debian"
@@ -200,6 +202,16 @@ def _build(k: LessonKernel, kernels: Path, progress: Progress) -> None:
         say(progress, f"lesson kernel {release} built in {time.monotonic() - t0:.0f} s: {k.dir}")
     finally:
         rmtree(tmp)
+    _prune(kernels, keep=KEEP_KERNELS)
+
+
+def _prune(kernels: Path, keep: int) -> None:
+    """Remove all but the *keep* newest built kernels (an image holds its own copy of what it boots)."""
+    built = sorted((d for d in kernels.iterdir() if d.is_dir() and (d / "build.json").is_file()),
+                   key=lambda d: (d / "build.json").stat().st_mtime, reverse=True)
+    for d in built[keep:]:
+        rmtree(d)
+        (kernels / f"build-{d.name}.log").unlink(missing_ok=True)
 
 
 def _configure(k: LessonKernel, src: Path, tools: Dict[str, str], log: IO[str], progress: Progress) -> None:

@@ -69,23 +69,27 @@ def pdeathsig_preexec() -> Optional[Callable[[], None]]:
     return preexec
 
 
-def qemu_preexec() -> Callable[[], None]:
-    """The preexec_fn QEMU is spawned with: no transparent huge pages, and :func:`pdeathsig_preexec`'s work.
+_thp_disabled = False
+
+
+def qemu_preexec() -> Optional[Callable[[], None]]:
+    """Make QEMU start without transparent huge pages; the preexec_fn to spawn it with (None: none is needed).
 
     QEMU asks for huge pages on guest RAM (``MADV_HUGEPAGE``), so on a host whose THP setting is
     ``madvise`` or ``always`` one byte the guest touches costs the host 2 MiB: the default guest
     held 92 MiB of its 128 MiB in huge pages, where 4 KiB pages hold ~8 MiB less, at no boot time
-    measured (docs/boot.md). ``PR_SET_THP_DISABLE`` is kept across ``execve``.
+    measured (docs/boot.md). ``PR_SET_THP_DISABLE`` is inherited by children and kept across ``execve``,
+    so it is set once on this process (which asks for no huge pages itself) rather than in a
+    ``preexec_fn``: with one, Python forks instead of vforking, and copying the page tables of a notebook's
+    kernel cost ~27 ms per QEMU launch with 300 MiB resident (docs/boot.md). Only without ``setpriv`` is
+    :func:`pdeathsig_preexec` still needed.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    pdeath = pdeathsig_preexec()
-
-    def preexec() -> None:
-        prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        if pdeath is not None:
-            pdeath()
-    return preexec
+    global _thp_disabled
+    if not _thp_disabled:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        _thp_disabled = True
+    return pdeathsig_preexec()
 
 
 def register(pid: int, private_dir: Optional[Path]) -> None:

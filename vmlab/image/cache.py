@@ -11,7 +11,6 @@ reader never sees half an image. The newest :data:`KEEP_IMAGES` images are kept.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
@@ -25,7 +24,7 @@ from ..errors import ImageError
 from .cpio import LZ4_LEGACY_MAGIC, NEWC_MAGIC
 from .elf import ELF_MAGIC
 from .modules import modname
-from .util import Progress, rmtree, say, sha256_file, umask
+from .util import Progress, exclusive_lock, rmtree, sha256_file, umask
 
 KEEP_IMAGES = 3        # images kept in the cache; a VM already running keeps its open files
 RECENT_USE_S = 6 * 3600  # an image used this recently is never pruned (another process may boot it next)
@@ -152,16 +151,8 @@ def check_cached(root: Path, key: str, verify: bool) -> tuple[Optional[dict[str,
 @contextlib.contextmanager
 def build_lock(images: Path, progress: Progress) -> Iterator[None]:
     """Hold the builders' exclusive lock (waiting, with a message, if another build runs)."""
-    fd = os.open(images / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(progress, "another process is building the image; waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(images, progress, "the image"):
         yield
-    finally:
-        os.close(fd)   # releases the lock
 
 
 def remove_leftovers(images: Path) -> None:

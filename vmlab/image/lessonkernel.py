@@ -38,7 +38,7 @@ from ..errors import ImageError
 from ..tools import need_tool, run_tool, tail
 from .debian import download_deb, find_deb
 from .guesttools import gcc_version
-from .util import DEFAULT_GUEST_DIR, Progress, resolve_guest_dir, rmtree, say, umask, write_json
+from .util import DEFAULT_GUEST_DIR, Progress, exclusive_lock, resolve_guest_dir, rmtree, say, umask, write_json
 
 #: Bump when the build recipe changes what it produces; part of the key.
 KERNEL_BUILDER = "vmlab-kernel-1"
@@ -131,20 +131,11 @@ def ensure_lesson_kernel(k: LessonKernel, progress: Progress) -> LessonKernel:
     """Build *k* unless it is in the cache (one build at a time; a second caller waits)."""
     if k.built():
         return k
-    import fcntl
     kernels = config.cache_subdir("kernels")
-    fd = os.open(kernels / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(progress, "another process is building the lesson kernel; waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(kernels, progress, "the lesson kernel"):
         if not k.built():
             with umask(0o077):
                 _build(k, kernels, progress)
-    finally:
-        os.close(fd)
     return k
 
 

@@ -89,3 +89,19 @@ def umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path, progress: Progress, what: str) -> Iterator[None]:
+    """Hold ``directory/.lock`` exclusively (waiting, with a message naming *what* another process builds)."""
+    import fcntl
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(progress, f"another process is building {what}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock

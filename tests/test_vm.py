@@ -141,13 +141,17 @@ def test_quit_and_kill_are_hard_stops(image):
 def test_warm_start_restores_a_booted_guest(image):
     with VM(accel="tcg", image=image, name="warmtest", warm=True) as vm:   # saves if needed
         first = vm.run("echo ok").stdout
+    steps = ("LAUNCH", "RESTORED", "RESUME", "READY")
     with VM(accel="tcg", image=image, name="warmtest") as vm:
-        cold = vm.boot_seconds
+        cold = [e["event"] for e in vm.events if e["event"] in steps]
     with VM(accel="tcg", image=image, name="warmtest", warm=True) as vm:
         assert vm.warm_restored
         assert vm.run("echo ok").stdout == first == "ok\n"
         assert vm.kernel_release == image.kernel_version
-        assert vm.boot_seconds < cold      # restoring memory beats booting
+        # a restore loads the saved memory and resumes it; a cold boot never restores (how much faster a restore is
+        # is benchmarks/boot.py's warm_vs_cold, a target measured in one run)
+        assert [e["event"] for e in vm.events if e["event"] in steps] == list(steps)
+    assert "RESTORED" not in cold and cold[0] == "LAUNCH" and cold[-1] == "READY"
 
 
 def test_sync_api_inside_a_running_event_loop(image):
@@ -194,7 +198,8 @@ def test_cli_boot_and_doctor_json():
     assert fig["accel"] == "tcg"
     for key in ("cold_boot_s", "warm_boot_s", "run_roundtrip_ms"):   # measured, so a positive number (None fails)
         assert isinstance(fig[key], (int, float)) and math.isfinite(fig[key]) and fig[key] > 0, (key, fig[key])
-    assert fig["warm_boot_s"] < fig["cold_boot_s"], fig          # a restore skips the boot (same run)
+    # every warm start restored the snapshot (warm_boot_s counts only restores; its speed is benchmarks/boot.py's)
+    assert len(fig["warm_boot_s_all"]) == fig["repeats"] == len(fig["cold_boot_s_all"]), fig
     out = subprocess.run([sys.executable, "-m", "vmlab", "doctor", "--json"], capture_output=True, text=True,
                          timeout=120)
     rep = json.loads(out.stdout)

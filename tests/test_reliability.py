@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import qemu_children
+from conftest import copy_built_kernels, qemu_children
 
 from vmlab import VM, ExperimentError, ImageError, StateError, VMError, VMTimeout
 from vmlab.measure import Rows
@@ -418,15 +418,7 @@ def _seed_cache(dest: Path) -> Path:
                 os.link(p, dest / "downloads" / p.name)
             except OSError:
                 shutil.copy(p, dest / "downloads" / p.name)
-
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-    for d in (cache_dir() / "kernels").glob("[0-9a-f]*"):
-        if (d / "build.json").is_file():
-            shutil.copytree(d, dest / "kernels" / d.name, symlinks=True, copy_function=link)
+    copy_built_kernels(dest, link=True)
     return dest
 
 

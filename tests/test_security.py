@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import copy_built_kernels
 
 from vmlab import NIC, VM
 from vmlab.config import cache_dir
@@ -213,9 +214,7 @@ def _nobody_cache() -> Path:
     for p in [*src.glob("*.deb"), src / "apt-resolve.json"]:
         if p.is_file():
             shutil.copy(p, base / "cache" / "downloads" / p.name)
-    for d in (cache_dir() / "kernels").glob("[0-9a-f]*"):
-        if d.is_dir() and (d / "build.json").is_file():
-            shutil.copytree(d, base / "cache" / "kernels" / d.name, symlinks=True)
+    copy_built_kernels(base / "cache")
     for p in [base, *base.rglob("*")]:
         os.chown(p, NOBODY, NOBODY)
     os.chmod(base, 0o700)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vmlab import VM, AsyncVM, GuestError, RunState, SetupError, StateError, VMError, VMTimeout
+from vmlab.vm.warm import QUIET_S, snapshot_path
 
 pytestmark = pytest.mark.integration
 
@@ -139,8 +140,12 @@ def test_quit_and_kill_are_hard_stops(image):
 
 
 def test_warm_start_restores_a_booted_guest(image):
-    with VM(accel="tcg", image=image, name="warmtest", warm=True) as vm:   # saves if needed
+    snapshot_path(VM(accel="tcg", image=image, name="warmtest").spec, "tcg", image).unlink(missing_ok=True)
+    with VM(accel="tcg", image=image, name="warmtest", warm=True) as vm:   # boots cold and saves
         first = vm.run("echo ok").stdout
+        saved = [e for e in vm.events if e["event"] == "WARM_SAVED"]
+        assert not vm.warm_restored and len(saved) == 1
+        assert saved[0]["data"]["settle_s"] >= QUIET_S
     steps = ("LAUNCH", "RESTORED", "RESUME", "READY")
     with VM(accel="tcg", image=image, name="warmtest") as vm:
         cold = [e["event"] for e in vm.events if e["event"] in steps]
@@ -148,6 +153,10 @@ def test_warm_start_restores_a_booted_guest(image):
         assert vm.warm_restored
         assert vm.run("echo ok").stdout == first == "ok\n"
         assert vm.kernel_release == image.kernel_version
+        # restored settled: the kernel's late switch from the early clocksource (TCG: tsc-early -> tsc) was done
+        # before the save, so the restored guest neither redoes it nor reads a clock it is about to drop
+        cs = vm.run("cat /sys/devices/system/clocksource/clocksource0/available_clocksource").stdout.split()
+        assert cs[0] == "tsc" and "tsc-early" not in cs
         # a restore loads the saved memory and resumes it; a cold boot never restores (how much faster a restore is
         # is benchmarks/boot.py's warm_vs_cold, a target measured in one run)
         assert [e["event"] for e in vm.events if e["event"] in steps] == list(steps)

@@ -7,6 +7,11 @@ cold and saves one (QMP ``stop``, ``migrate`` to a file, ``cont``). The
 :data:`WARM_KEEP` most recently used snapshots are kept. A damaged snapshot is
 deleted and the VM boots cold; a snapshot that cannot be saved (a full disk)
 is skipped with the reason in ``accel_reason``.
+
+Before saving, the guest is left to settle (:data:`SETTLE_COMMAND`, then
+:data:`QUIET_S` of nothing): work the guest still has in hand when it is saved
+is done again by every restored guest right after its restore, in code that
+QEMU, freshly started, has to translate first (docs/boot.md, "Warm restore").
 """
 
 from __future__ import annotations
@@ -30,9 +35,19 @@ from .core import VMCore
 from .qemu import boot_initrd, build_launch
 from .state import Trigger
 
-__all__ = ["WARM_KEEP", "WarmMixin", "prune_snapshots", "snapshot_path"]
+__all__ = ["QUIET_S", "SETTLE_COMMAND", "WARM_KEEP", "WarmMixin", "prune_snapshots", "snapshot_path"]
 
 WARM_KEEP = 6          # warm snapshots kept in cache_dir()/warm (least recently used go first)
+#: run in the guest before a warm snapshot is saved: wait (at most ~5 s) until the kernel has finished the
+#: refined TSC calibration it schedules a second after boot (``tsc-early`` leaves the clocksources; under KVM
+#: kvm-clock makes it leave at once), so a restored guest does not do it again and reads the clock it will keep
+#: (``tsc``). Prints how many 50 ms waits it took.
+SETTLE_COMMAND = ("i=0; while [ $i -lt 100 ]; do "
+                  "read -r cs </sys/devices/system/clocksource/clocksource0/available_clocksource; "
+                  'case " $cs " in *" tsc-early "*) sleep 0.05; i=$((i+1)) ;; *) break ;; esac; done; echo $i')
+#: then the host waits this long before it stops the guest: the settle command's own exit (its process torn
+#: down, freed memory handed back) is finished, not left for each restored guest
+QUIET_S = 0.3
 
 
 def snapshot_path(spec: MachineSpec, accel: str, image: GuestImage) -> Path:
@@ -43,7 +58,8 @@ def snapshot_path(spec: MachineSpec, accel: str, image: GuestImage) -> Path:
     # the VM's name does not change the guest's state: VMs of any name share a snapshot
     i = argv.index("-name")
     argv = argv[:i] + argv[i + 2:]
-    key = hashlib.sha256(json.dumps([argv, image.key, qemu_version(), 3]).encode()).hexdigest()[:20]
+    # the last item is the snapshot format's version: 4 since snapshots are saved settled
+    key = hashlib.sha256(json.dumps([argv, image.key, qemu_version(), 4]).encode()).hexdigest()[:20]
     return cache_subdir("warm") / f"{key}.state"
 
 
@@ -57,9 +73,21 @@ def prune_snapshots(keep: Path, most: int = WARM_KEEP) -> None:
 class WarmMixin(VMCore):
     """Save and restore a booted guest."""
 
+    async def _settle(self) -> float:
+        """Let the booted guest finish its late boot work (:data:`SETTLE_COMMAND`); returns the seconds it took."""
+        assert self._agent is not None
+        t0 = time.monotonic()
+        res = await self._race(self._agent.run(SETTLE_COMMAND, timeout=10), 20, "the guest to settle")
+        if res.status != 0:
+            raise VMError(f"the guest could not settle before its warm snapshot: {res.stderr.strip()[-200:]}",
+                          **self._err_kw())
+        await asyncio.sleep(QUIET_S)
+        return time.monotonic() - t0
+
     async def _save_warm(self, path: Path) -> None:
-        """Save this booted guest (stop, migrate to a file, continue) for next time."""
+        """Save this booted guest (settle, stop, migrate to a file, continue) for next time."""
         assert self._qmp is not None
+        settle_s = await self._settle()
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -83,7 +111,7 @@ class WarmMixin(VMCore):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             await self.qmp("cont")
-        self._record_event("WARM_SAVED", {"path": str(path)}, source="vmlab")
+        self._record_event("WARM_SAVED", {"path": str(path), "settle_s": round(settle_s, 3)}, source="vmlab")
 
     async def _finish_restore(self, paused: bool) -> None:
         """Wait for QEMU to load the snapshot, then for the restored agent to answer."""

@@ -108,8 +108,9 @@ BAD = [
     ("boot-timeout-negative", dict(boot_timeout=-1), "boot_timeout", None),
     ("boot-timeout-zero", dict(boot_timeout=0), "boot_timeout", None),
     ("boot-timeout-string", dict(boot_timeout="60"), "boot_timeout", None),
-    ("warm-with-disks", dict(warm=True, disks=[Disk(size="8M")]), "warm", None),
-    ("warm-with-socket-nic", dict(warm=True, nics=[NIC(backend="socket")]), "warm", None),
+    ("warm-with-nvme-disk", dict(warm=True, disks=[Disk(size="8M", bus="nvme")]), "warm", None),
+    ("warm-with-root-on-disk", dict(warm=True, disks=[Disk(size="8M")], kernel_args="vmlab.root=/dev/vda"), "warm",
+     None),
     ("unknown-setting-typo", dict(memroy=256), "memroy", None),
     ("image-not-an-image", dict(image="bogus"), "image", None),
 ]

@@ -5,13 +5,14 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from vmlab import VM, AsyncVM, GuestError, RunState, SetupError, StateError, VMError, VMTimeout
+from vmlab import VM, AsyncVM, Disk, GuestError, RunState, SetupError, StateError, VMError, VMTimeout
 from vmlab.vm.warm import QUIET_S, snapshot_path
 
 pytestmark = pytest.mark.integration
@@ -161,6 +162,40 @@ def test_warm_start_restores_a_booted_guest(image):
         # is benchmarks/boot.py's warm_vs_cold, a target measured in one run)
         assert [e["event"] for e in vm.events if e["event"] in steps] == list(steps)
     assert "RESTORED" not in cold and cold[0] == "LAUNCH" and cold[-1] == "READY"
+
+
+def test_warm_restore_with_other_disks_sees_their_contents(image, tmp_path):
+    """Saved with a blank disk, restored with a partitioned one: the guest reads the new disk, partitions and all."""
+    def disk(name: str, partitioned: bool) -> Disk:
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.truncate(32 << 20)
+            if partitioned:     # an MBR with one Linux partition from sector 2048, and a mark in the boot code
+                mbr = bytearray(512)
+                mbr[:11] = b"second-disk"
+                mbr[446:462] = bytes([0, 0, 2, 0, 0x83, 0, 0, 0]) + struct.pack("<II", 2048, 30000)
+                mbr[510:512] = b"\x55\xaa"
+                f.seek(0)
+                f.write(mbr)
+        return Disk(path=p, format="raw", bus="virtio")
+    spec = dict(accel="tcg", image=image, name="warmdisk")
+    snapshot_path(VM(**spec, disks=[disk("blank.raw", False)]).spec, "tcg", image).unlink(missing_ok=True)
+    with VM(**spec, disks=[disk("blank.raw", False)], warm=True) as vm:      # boots cold, saves
+        assert not vm.warm_restored
+        assert vm.run("ls /sys/block/vda").stdout.split().count("vda1") == 0
+    with VM(**spec, disks=[disk("parted.raw", True)], warm=True) as vm:
+        assert vm.warm_restored
+        assert [e["event"] for e in vm.events if e["event"] in ("RESTORED", "DISKS_REREAD")] == ["RESTORED",
+                                                                                                  "DISKS_REREAD"]
+        assert "vda1" in vm.run("ls /sys/block/vda").stdout.split()    # the restored kernel read the new table
+        assert vm.run("head -c 11 /dev/vda").stdout == "second-disk"
+    # a disk of another size is another snapshot: the guest learnt the size at boot
+    big = tmp_path / "big.raw"
+    big.write_bytes(b"")
+    os.truncate(big, 64 << 20)
+    bigger = VM(**spec, disks=[Disk(path=big, format="raw", bus="virtio")], warm=True)
+    assert snapshot_path(bigger.spec, "tcg", image) != snapshot_path(VM(**spec, disks=[disk("blank.raw", False)]).spec,
+                                                                     "tcg", image)
 
 
 def test_sync_api_inside_a_running_event_loop(image):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 from .errors import GuestError, SpecError, VMError
 from .spec import NIC, Disk, MachineSpec
 from .vm import VM
+from .vm.warm import warm_refusal
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -511,9 +512,15 @@ def _last_json(text: str, command: str) -> Dict[str, Any]:
     raise GuestError(f"{command!r} printed no JSON result: {text[-300:]!r}")
 
 
-def boot(profile: DeviceProfile, *, accel: str = "tcg", image: Optional[GuestImage] = None,
+def boot(profile: DeviceProfile, *, accel: str = "tcg", image: Optional[GuestImage] = None, warm: bool = True,
          **spec_kw: Any) -> VM:
-    """A started VM carrying ``profile`` (use it in ``with``)."""
-    vm = VM(profile.spec(accel=accel, **spec_kw), image=image)
+    """A started VM carrying ``profile`` (use it in ``with``).
+
+    Restored from a warm snapshot where QEMU can save the device (all but NVMe; ``warm=False`` boots cold): a
+    restored guest has the same devices, drivers and blank scratch disk as a booted one, and what the
+    experiments measure starts after the start either way (docs/boot.md, "Warm restores of guests with disks").
+    """
+    spec = profile.spec(accel=accel, **spec_kw)
+    vm = VM(spec, image=image, warm=warm and not warm_refusal(spec))
     vm.start()
     return vm

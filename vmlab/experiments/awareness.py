@@ -114,7 +114,7 @@ def run(quick: bool = False, progress: Progress = None, *, image: Optional[Guest
         rows.add(**where("none"), system="this host (native)", cpu_model="", **host_awareness())
         for accel, model, label in configs:
             say(progress, f"booting: {label}")
-            with VM(accel=accel, name="aware", cpu_model=model, image=image) as vm:
+            with VM(accel=accel, name="aware", cpu_model=model, image=image, warm=True) as vm:
                 rows.add(**where_vm(vm), system=label, cpu_model=model or "",
                          **guest_awareness(vm))
             advance(progress)

@@ -178,7 +178,7 @@ def run(quick: bool = False, progress: Progress = None, *, accel: str = "tcg",
     scale = 0.003 if quick else 0.01
     rows = Rows("clocks")
     plan(progress, 1 + len(CLOCKSOURCES))      # the boot, then each clocksource
-    with rows.guard(), VM(accel=accel, name=f"clocks-{accel}", trace=CLOCK_TRACE, image=image) as vm:
+    with rows.guard(), VM(accel=accel, name=f"clocks-{accel}", trace=CLOCK_TRACE, image=image, warm=True) as vm:
         advance(progress)
         quiet_trace(vm, False)
         clock_costs(vm, repeats=repeats, scale=scale, rows=rows, progress=progress)

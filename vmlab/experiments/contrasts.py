@@ -38,7 +38,7 @@ def booted(profile: DeviceProfile, rows: Optional[Rows] = None, progress: Progre
             with booted(prof, rows, progress, accel=accel) as vm:
                 ...
     """
-    say(progress, f"{profile.contrast}: booting a VM with {profile.title}")
+    say(progress, f"{profile.contrast}: starting a VM with {profile.title}")
     vm = boot(profile, accel=accel, image=image, **spec_kw)
     advance(progress)           # booting is one step of the experiment's plan
     try:

@@ -226,7 +226,7 @@ def run(quick: bool = False, progress: Optional[Callable[[str], None]] = None, *
         try:
             for accel in accels:
                 say(progress, f"{accel}: booting a guest")
-                vm = VM(accel=accel, name=f"cpu-{accel}", memory=memory, image=image)
+                vm = VM(accel=accel, name=f"cpu-{accel}", memory=memory, image=image, warm=True)
                 vms.append(vm)
                 vm.start()
                 w: Dict[str, Any] = where_vm(vm)

@@ -122,13 +122,13 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Optio
         boots = 2 if kvm["usable"] else 1
         plan(progress, boots + len(workloads) * repeats * (1 + boots))   # each boot; each run on each path
         say(progress, "booting a TCG guest: the same vmbench, every instruction translated by QEMU")
-        vm = stack.enter_context(VM(accel="tcg", image=image, memory=memory, name="path"))
+        vm = stack.enter_context(VM(accel="tcg", image=image, memory=memory, name="path", warm=True))
         rows.where = where("tcg", vm.kernel_release)
         runners["tcg"] = in_guest(vm)
         advance(progress)
         if kvm["usable"]:
             say(progress, "booting a KVM guest: the same vmbench on the in-kernel hypervisor")
-            kvm_vm = stack.enter_context(VM(accel="kvm", image=image, memory=memory, name="path-kvm"))
+            kvm_vm = stack.enter_context(VM(accel="kvm", image=image, memory=memory, name="path-kvm", warm=True))
             runners["kvm"] = in_guest(kvm_vm)
             advance(progress)
         else:        # the lesson says why once, from kvm_status(); here only that the path is skipped
@@ -214,7 +214,7 @@ def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: 
     with rows.guard():
         for accel in accels:
             say(progress, f"{accel.upper()}: vCPU thread and a host hog both pinned on core {core}")
-            with VM(accel=accel, image=image, name=f"noisy-{accel}") as vm:
+            with VM(accel=accel, image=image, name=f"noisy-{accel}", warm=True) as vm:
                 if not rows.where:
                     rows.where = where(accel, vm.kernel_release)
                 advance(progress)

@@ -148,7 +148,7 @@ def write_unsynced(vm: VM) -> None:
 def read_back_in_vm(data: Path, image: Optional[GuestImage] = None) -> Optional[str]:
     """Re-attach the data disk to a new VM (the mount replays ext4's journal) and read the note."""
     with VM(accel="tcg", name="readback", image=image, modules=("ext4",),
-            disks=[Disk(path=data, format="raw")]) as vm:
+            disks=[Disk(path=data, format="raw")], warm=True) as vm:
         vm.run("mkdir -p /data; mount -t ext4 /dev/vda /data")
         r = vm.run("cat /data/note.txt", check=False)
         vm.powerdown()
@@ -168,7 +168,7 @@ def run_action(action: str, *, image: Optional[GuestImage] = None, workdir: Opti
         if action == "paused_boot":      # nothing to keep: the plain lesson guest
             vm = VM(MachineSpec(name="paused-boot", accel="tcg"), image=image)
         else:
-            vm = VM(data_spec(data, scratch, action.replace("_", "-")), image=image)
+            vm = VM(data_spec(data, scratch, action.replace("_", "-")), image=image, warm=True)
         row: Dict[str, Any] = {"action": action, "side": SIDE[action]}
         try:
             if action == "paused_boot":

@@ -70,7 +70,7 @@ def measure_thin_provisioning(total_mib: int = 64, step_mib: int = 8, *, virtual
                         fix="write less, or make the disk bigger")
     with _workdir(directory) as d:
         path = create_image(d / f"thin.{fmt}", virtual_size, fmt)
-        with VM(accel="tcg", name="thin", image=image, disks=[Disk(path=path, cache="none")]) as vm:
+        with VM(accel="tcg", name="thin", image=image, disks=[Disk(path=path, cache="none")], warm=True) as vm:
             rows = _where_rows("thin-provisioning", vm)
             with rows.guard():
                 i0 = info(path)
@@ -113,12 +113,12 @@ def measure_overlay(write_mib: int = 8, *, base_size: str = "64M", directory: Op
     with _workdir(directory) as d:
         base = create_image(d / "golden.qcow2", base_size, "qcow2")
         # put a recognisable pattern in the base, with a VM, then seal it
-        with VM(accel="tcg", name="golden", image=image, disks=[Disk(path=base)]) as vm:
+        with VM(accel="tcg", name="golden", image=image, disks=[Disk(path=base)], warm=True) as vm:
             vm.run("printf 'GOLDEN-BASE' | dd of=/dev/vda bs=512 seek=0 conv=notrunc 2>/dev/null; sync")
         before = sha256(base)
         top = create_overlay(base, d / "throwaway.qcow2")
         top_before = allocated_bytes(top)
-        with VM(accel="tcg", name="overlay", image=image, disks=[Disk(path=top)]) as vm:
+        with VM(accel="tcg", name="overlay", image=image, disks=[Disk(path=top)], warm=True) as vm:
             seen = vm.run("dd if=/dev/vda bs=11 count=1 2>/dev/null").stdout
             vm.run(f"dd if=/dev/urandom of=/dev/vda bs=1M count={write_mib} seek=1 oflag=direct 2>/dev/null")
             vm.run("printf 'CHANGED-BY-VM' | dd of=/dev/vda bs=512 seek=0 conv=notrunc oflag=direct 2>/dev/null")

@@ -38,7 +38,7 @@ from .nested import NestedMixin
 from .reaper import sweep_stale
 from .state import LIVE, RunState, Trigger, require
 from .tracing import TracingMixin
-from .warm import WarmMixin, prune_snapshots, snapshot_path
+from .warm import WarmMixin, prune_snapshots, snapshot_path, warm_refusal
 
 __all__ = ["AsyncVM", "kvm_probe_vm", "nested_probe_vm"]
 
@@ -63,11 +63,9 @@ def _check_settings(spec: Optional[MachineSpec], image: Optional[GuestImage], wa
     if not isinstance(spec, MachineSpec):
         raise SpecError("spec", f"expected a MachineSpec, got {spec!r}", fix="use vmlab.MachineSpec(...)")
     spec = spec.validated()
-    if warm and spec.disks:
-        raise SpecError("warm", "a warm start restores memory, not disks, so it needs a spec without disks",
-                        fix="use warm=False for VMs with disks")
-    if warm and any(n.backend == "socket" for n in spec.nics):
-        raise SpecError("warm", "a warm start cannot restore a socket NIC", fix="use warm=False")
+    why = warm_refusal(spec) if warm else ""
+    if why:
+        raise SpecError("warm", f"a warm start cannot restore this VM: {why}", fix="use warm=False")
     if boot_timeout is not None and not (isinstance(boot_timeout, (int, float)) and boot_timeout > 0):
         raise SpecError("boot_timeout", f"{boot_timeout!r} is not a positive number of seconds",
                         fix="e.g. boot_timeout=60")
@@ -123,7 +121,8 @@ class AsyncVM(NestedMixin, GuestMixin, WarmMixin, TracingMixin, MetricsMixin, La
                 self._advance(Trigger.RESTORING)
                 return self
             snapshot = self.warm_snapshot = snapshot_path(self.spec, self.accel, image) if self.warm else None
-            if snapshot is not None and snapshot.exists():
+            # a paused restore could not make a guest with disks read them again before it runs: boot those cold
+            if snapshot is not None and snapshot.exists() and not (paused and self.spec.disks):
                 with contextlib.suppress(OSError):
                     os.utime(snapshot)          # most recently used: pruned last
                 try:

@@ -518,7 +518,7 @@ def boot(profile: DeviceProfile, *, accel: str = "tcg", image: Optional[GuestIma
 
     Restored from a warm snapshot where QEMU can save the device (all but NVMe; ``warm=False`` boots cold): a
     restored guest has the same devices, drivers and blank scratch disk as a booted one, and what the
-    experiments measure starts after the start either way (docs/boot.md, "Warm restores of guests with disks").
+    experiments measure starts after the start either way (docs/boot.md, "Warm restores of guests with disks and socket NICs").
     """
     spec = profile.spec(accel=accel, **spec_kw)
     vm = VM(spec, image=image, warm=warm and not warm_refusal(spec))

@@ -24,6 +24,8 @@ ACCELS = ("auto", "tcg", "kvm")
 MACHINES = ("pc", "q35")
 DISK_BUSES = ("virtio", "ide", "ahci", "scsi", "nvme")
 DISK_FORMATS = ("raw", "qcow2")
+#: the first four bytes of a qcow2 image
+QCOW2_MAGIC = b"QFI\xfb"
 NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 NIC_BACKENDS = ("user", "socket", "none")
 CONSOLES = ("serial", "virtio")
@@ -147,7 +149,7 @@ class Disk:
                                 fix="fix its permissions, or pass readonly=True / snapshot=True")
             if fmt is None:
                 with open(p, "rb") as fh:
-                    fmt = "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
+                    fmt = "qcow2" if fh.read(4) == QCOW2_MAGIC else "raw"
         _choice(f + ".format", fmt, DISK_FORMATS, "disk format")
         return dataclasses.replace(self, format=fmt,
                                    path=None if self.path is None else Path(self.path).expanduser())

@@ -37,7 +37,7 @@ from .. import procfs
 from ..config import cache_subdir
 from ..errors import SpecError, VMError, VMTimeout
 from ..image import GuestImage
-from ..spec import MachineSpec, parse_size
+from ..spec import QCOW2_MAGIC, MachineSpec, parse_size
 from ..tools import qemu_version
 from .core import VMCore
 from .qemu import boot_initrd, build_launch
@@ -65,7 +65,6 @@ QUIET_S = 0.3
 #: ``blockdev``; a failure fails the restore (the VM then boots cold).
 DISKS_REREAD = ("for b in /sys/block/*; do n=${b##*/}; case $n in sd*|vd*|hd*) "
                 "blockdev --flushbufs /dev/$n && blockdev --rereadpt /dev/$n || exit 1 ;; esac; done")
-_QCOW2_MAGIC = b"QFI\xfb"
 
 
 def warm_refusal(spec: MachineSpec) -> str:
@@ -78,12 +77,15 @@ def warm_refusal(spec: MachineSpec) -> str:
 
 
 def _disk_bytes(path: Path, fmt: Optional[str]) -> int:
-    """The size the guest sees of the image at *path*: a qcow2 header's size field, or the file's size."""
+    """The size the guest sees of the image at *path* (format validated): a qcow2 header's size field, or the
+    file's size (raw). ``vmlab.disks.virtual_bytes`` says the same through ``qemu-img``, a process per call."""
+    if fmt != "qcow2":
+        return path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(32)
-    if head[:4] == _QCOW2_MAGIC and fmt in (None, "qcow2"):
-        return int.from_bytes(head[24:32], "big")
-    return path.stat().st_size
+    if head[:4] != QCOW2_MAGIC:
+        raise OSError(0, "not a qcow2 image")
+    return int.from_bytes(head[24:32], "big")
 
 
 def _disks_key(spec: MachineSpec) -> List[Any]:
@@ -91,7 +93,10 @@ def _disks_key(spec: MachineSpec) -> List[Any]:
     out: List[Any] = []
     for d in spec.disks:
         try:
-            out.append(parse_size(d.size if d.size is not None else 0, "disks") if d.path is None else _disk_bytes(Path(d.path), d.format))
+            if d.path is None:
+                out.append(parse_size(d.size if d.size is not None else 0, "disks"))
+            else:
+                out.append(_disk_bytes(Path(d.path), d.format))
         except OSError as exc:
             raise SpecError("disks", f"cannot read the disk image {d.path}: {exc.strerror}",
                             fix="check the path") from exc

@@ -101,6 +101,27 @@ def test_run_timeout_and_concurrent_commands(vm):
     assert (a.stdout, b.stdout) == ("a\n", "b\n")
 
 
+def test_a_command_starts_as_a_fresh_process(vm):
+    """run() starts sh -c in its own session, stdin /dev/null, no signal blocked or ignored that a login
+    shell would not have, SCHED_OTHER (the agent is SCHED_BATCH around the clone), and the agent goes on."""
+    r = vm.run("grep -E '^(SigBlk|SigIgn)' /proc/self/status; stat -L -c %t:%T /proc/self/fd/0; "
+               "ps -o pid,sid,comm | awk '$3==\"ps\" {print ($1==$2) ? \"leader\" : \"member\"}'; "
+               "cut -d' ' -f41 /proc/self/stat; cut -d' ' -f41 /proc/1/stat")
+    fields = dict(line.split(":\t") for line in r.stdout.splitlines()[:2])
+    assert fields == {"SigBlk": "0000000000000000", "SigIgn": "0000000000000000"}, r.stdout
+    rest = r.stdout.splitlines()[2:]
+    assert rest[0] == "1:3"                      # /dev/null: char device 1,3
+    assert rest[1] == "member"                   # ps runs in the session of the sh that run() started
+    assert rest[2:] == ["0", "0"], rest          # SCHED_OTHER for the command, and for the agent between commands
+    # SIGPIPE is default: the writer of a pipe whose reader left dies of it (128 + 13), as in any shell
+    r = vm.run("(yes; echo \"yes-status=$?\" >&2) | head -n1")
+    assert (r.stdout, r.stderr) == ("y\n", "yes-status=141\n")
+    # a command that cannot be found is the shell's error, the agent's spawn went fine
+    r = vm.run("nosuch-command", check=False)
+    assert r.status == 127 and "nosuch-command: not found" in r.stderr
+    assert vm.run("echo still here").stdout == "still here\n"
+
+
 def test_lifecycle_events(image):
     vm = VM(accel="tcg", image=image, name="life")
     try:

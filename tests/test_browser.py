@@ -495,7 +495,19 @@ def open_dashboard(browser, voila: dict, name: str, requests: List[str]):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.on("request", lambda r: requests.append(r.url))
     page.goto(f"{voila['url']}/", timeout=120_000)                    # the tree page `make demo` opens
-    page.get_by_text(f"{name}.ipynb").first.wait_for(timeout=60_000)
+    # the tree lists the dashboard; under load (a previous dashboard's kernel and QEMU still going) the page
+    # once came without it within 60 s (stop 14), so it is loaded again twice before the test fails, and the
+    # failure shows what the page said
+    for attempt in range(3):
+        try:
+            page.get_by_text(f"{name}.ipynb").first.wait_for(timeout=60_000)
+            break
+        except Exception as exc:          # playwright's TimeoutError
+            if attempt == 2:
+                raise AssertionError(f"Voila's tree page never listed {name}.ipynb; it showed "
+                                     f"{page.inner_text('body')[:600]!r}; server log: {voila['server'].tail()[-600:]}"
+                                     ) from exc
+            page.reload(timeout=120_000)
     # the dashboard by its own URL (clicking the tree opens a new tab): without the prelaunch hook in
     # etc/jupyter/voila.py this page could not shut its kernel down when left
     page.context.clear_cookies()

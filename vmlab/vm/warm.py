@@ -179,12 +179,16 @@ class WarmMixin(VMCore):
         """Wait for QEMU to load the snapshot, then for the restored agent to answer."""
         deadline = time.monotonic() + 30
         while True:
+            asked = time.monotonic()
             st = await self.qmp("query-status")
             if st["status"] not in ("inmigrate",):
                 break
             if time.monotonic() > deadline:
                 raise VMTimeout("the warm snapshot to load", 30, **self._err_kw())
-            await asyncio.sleep(0.005)
+            # QEMU loads a snapshot from a file without yielding its main loop: a slow answer means the
+            # load has just ended, and the state changes as soon as the bottom half that ends it has run
+            # (asking again at once saved ~5 ms of a ~110 ms restore, docs/boot.md)
+            await asyncio.sleep(0 if time.monotonic() - asked > 0.002 else 0.005)
         if st["status"] not in ("running", "paused", "prelaunch"):
             raise VMError(f"restoring the warm snapshot ended in state {st['status']!r}", **self._err_kw())
         self._record_event("RESTORED", {"status": st["status"]}, source="vmlab")

@@ -25,7 +25,7 @@ from vmlab.config import cache_dir
 from vmlab.errors import ImageError, SetupError
 from vmlab.image import util as image_util
 from vmlab.image.cpio import LZ4_LEGACY_MAGIC
-from vmlab.image.elf import XZ_MAGIC, elf_info, trim_zero_tails
+from vmlab.image.elf import XZ_MAGIC, drop_section_table, elf_info, trim_zero_tails
 from vmlab.image.guesttools import check_static
 from vmlab.image.modules import module_closure
 from vmlab.image.util import sha256_file
@@ -232,6 +232,33 @@ def test_trim_zero_tails_stores_no_zeros_and_keeps_the_guest_memory(tmp_path):
     text = tmp_path / "not-elf"
     text.write_bytes(b"hello" + bytes(9000))
     assert trim_zero_tails(text) == 0 and text.read_bytes() == b"hello" + bytes(9000)
+
+
+def test_drop_section_table_keeps_every_segment_byte(tmp_path):
+    """The symbol table and section headers after the last segment go; the ELF header says there are none;
+    every byte a program header points to stays where it was."""
+    code = b"\x90" * 5000
+    phoff, off1 = 64, 4096
+    symtab = b"S" * 3000                                   # .symtab + .strtab: after the segments
+    shoff = off1 + len(code) + len(symtab)
+    ehdr = (b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+            + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, phoff, shoff, 0, 64, 56, 1, 64, 4, 3))
+    ph = struct.pack("<IIQQQQQQ", 1, 5, off1, 0x1000000, 0x1000000, len(code), len(code), 4096)
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes((ehdr + ph).ljust(off1, b"\0") + code + symtab + bytes(4 * 64))
+    before = elf.read_bytes()
+
+    assert drop_section_table(elf) == len(symtab) + 4 * 64
+    after = elf.read_bytes()
+    assert len(after) == off1 + len(code) and after[64:] == before[64:off1 + len(code)]
+    assert struct.unpack_from("<QHHH", after, 0x28)[0] == 0 and struct.unpack_from("<HHH", after, 0x3A) == (0, 0, 0)
+    assert _load_segments(elf) == [(off1, len(code), len(code))]
+    assert drop_section_table(elf) == 0, "nothing is left to drop"
+
+    inside = tmp_path / "headers-inside"                   # a section table inside a segment: left alone
+    inside.write_bytes(before[:0x28] + struct.pack("<Q", off1) + before[0x30:])
+    kept = inside.read_bytes()
+    assert drop_section_table(inside) == 0 and inside.read_bytes() == kept
 
 
 def test_dynamic_busybox_is_refused():

@@ -56,6 +56,8 @@ def test_the_guest_boots_what_the_image_and_the_fast_settings_say(vm, image):
     if image.manifest["kernel"].get("source") == "debian":
         assert present == sorted(SKIPPED_INITCALLS)
     assert trim_zero_tails(image.kernel, dry_run=True) == 0, "the image's vmlinux stores no zero tails"
+    assert image.kernel.read_bytes()[0x28:0x30] == bytes(8), "the image's vmlinux has no section table"
+    assert image.manifest["vmlinux_symbols_not_stored"] > 1_000_000       # the kernel's .symtab and .strtab
     # the default guest's initramfs carries the base modules only (initrd-all.lz4 has the others)
     kos = vm.run("find /lib/modules -name '*.ko'").stdout.split()
     assert sorted(os.path.basename(k)[:-3].replace("-", "_") for k in kos) == sorted(image.base_modules)

@@ -90,11 +90,14 @@ def test_vcpu_thread_ids_match_qemu_threads(image):
             assert c["thread_id"] in tids, (c, tids)
             assert c["thread_id"] != vm.pid
             assert tids[c["thread_id"]] == f"CPU {c['cpu_index']}/TCG"
-        # the guest's work shows up as CPU time of a vCPU thread, not of the main loop
+        # the guest's work shows up as CPU time of the vCPU threads, not of the main loop
         df = hosted.cpu_by_thread(vm, "vmbench spin --seconds 1")
         top = df.iloc[0]
-        assert top["tid"] in {c["thread_id"] for c in vcpus}, df      # the busiest thread is a vCPU
-        assert top["cpu_s"] > 0 and top["share"] > 0.5, df            # most of QEMU's CPU time, same run
+        vcpu_ids = {c["thread_id"] for c in vcpus}
+        assert top["tid"] in vcpu_ids and top["cpu_s"] > 0, df        # the busiest thread is a vCPU
+        # most of QEMU's CPU time in the same run is the vCPUs': together, since the guest may move the spinner
+        # from one vCPU to the other (stop 15's CI: 0.55 s on one and the rest on the other)
+        assert df[df["tid"].isin(vcpu_ids)]["share"].sum() > 0.5, df
 
 
 @pytest.mark.integration

@@ -187,6 +187,13 @@ def test_warm_start_restores_a_booted_guest(image):
         # a restore loads the saved memory and resumes it; a cold boot never restores (how much faster a restore is
         # is benchmarks/boot.py's warm_vs_cold, a target measured in one run)
         assert [e["event"] for e in vm.events if e["event"] in steps] == list(steps)
+        # the QEMU that loaded the snapshot may use transparent huge pages (reaper.qemu_spawn: ~33,000 fewer page
+        # faults while it writes the guest's memory); this process, and so every other child, stays without
+        assert re.search(r"^THP_enabled:\s+1$", Path(f"/proc/{vm.pid}/status").read_text(), re.M)
+        assert re.search(r"^THP_enabled:\s+0$", Path("/proc/self/status").read_text(), re.M)
+        if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+            huge = re.search(r"^AnonHugePages:\s+(\d+) kB$", Path(f"/proc/{vm.pid}/smaps_rollup").read_text(), re.M)
+            assert huge and int(huge.group(1)) > 0
     assert "RESTORED" not in cold and cold[0] == "LAUNCH" and cold[-1] == "READY"
 
 

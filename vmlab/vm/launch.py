@@ -34,7 +34,7 @@ from .agent import AgentClient
 from .console import user_only
 from .core import VMCore
 from .qemu import boot_initrd, build_launch, launch_fix
-from .reaper import claim_dir, finalizer, pdeathsig_prefix, qemu_preexec, register, unregister
+from .reaper import claim_dir, finalizer, pdeathsig_prefix, qemu_spawn, register, unregister
 from .runner import running_loop
 from .state import Trigger
 
@@ -101,10 +101,11 @@ class LaunchMixin(VMCore):
                 open(self.private_dir / "trace.log", "wb", opener=user_only).close()
             self._events.t0 = time.monotonic()
             try:
-                self._proc = subprocess.Popen(
-                    pdeathsig_prefix() + self.launch.argv, pass_fds=self.launch.pass_fds,
-                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
-                    preexec_fn=qemu_preexec())
+                with qemu_spawn(huge_pages=incoming is not None) as preexec:
+                    self._proc = subprocess.Popen(
+                        pdeathsig_prefix() + self.launch.argv, pass_fds=self.launch.pass_fds,
+                        stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
+                        preexec_fn=preexec)
             except OSError as exc:
                 raise LaunchError(f"cannot execute QEMU: {exc}", fix="check VMLAB_QEMU / install qemu-system-x86",
                                   **self._err_kw()) from exc

@@ -22,6 +22,7 @@ parent-death signal has a tiny window while ``setpriv`` starts).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -30,14 +31,14 @@ import signal
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from ..config import private_root
 from ..log import get_logger
 from ..procfs import comm, start_time
 
 __all__ = ["DIR_PREFIX", "OWNER_FILE", "claim_dir", "finalizer", "kill_pid", "live_pids", "pdeathsig_preexec",
-           "pdeathsig_prefix", "private_root", "qemu_preexec", "register", "start_time", "sweep_stale", "unregister"]
+           "pdeathsig_prefix", "private_root", "qemu_spawn", "register", "start_time", "sweep_stale", "unregister"]
 
 log = get_logger(__name__)
 
@@ -69,27 +70,42 @@ def pdeathsig_preexec() -> Optional[Callable[[], None]]:
     return preexec
 
 
-_thp_disabled = False
+_thp_lock = threading.Lock()
+_thp_disabled = False      # the PR_SET_THP_DISABLE setting this process has now
 
 
-def qemu_preexec() -> Optional[Callable[[], None]]:
-    """Make QEMU start without transparent huge pages; the preexec_fn to spawn it with (None: none is needed).
+@contextlib.contextmanager
+def qemu_spawn(huge_pages: bool = False) -> Iterator[Optional[Callable[[], None]]]:
+    """Hold while spawning QEMU: it starts with transparent huge pages allowed or not; yields the
+    preexec_fn to spawn it with (None: none is needed).
 
     QEMU asks for huge pages on guest RAM (``MADV_HUGEPAGE``), so on a host whose THP setting is
     ``madvise`` or ``always`` one byte the guest touches costs the host 2 MiB: the default guest
     held 92 MiB of its 128 MiB in huge pages, where 4 KiB pages hold ~8 MiB less, at no boot time
-    measured (docs/boot.md). ``PR_SET_THP_DISABLE`` is inherited by children and kept across ``execve``,
-    so it is set once on this process (which asks for no huge pages itself) rather than in a
-    ``preexec_fn``: with one, Python forks instead of vforking, and copying the page tables of a notebook's
-    kernel cost ~27 ms per QEMU launch with 300 MiB resident (docs/boot.md). Only without ``setpriv`` is
-    :func:`pdeathsig_preexec` still needed.
+    measured (docs/boot.md). So a booting QEMU gets none. A QEMU that loads a warm snapshot
+    (*huge_pages*) gets them: it writes the guest's ~30 MiB in one go, and in 4 KiB pages that was
+    ~33,000 more page faults, ~25 ms of a ~70 ms restore (docs/boot.md, "Warm restore in huge pages").
+
+    ``PR_SET_THP_DISABLE`` is inherited by children and kept across ``execve``, so it is set on this
+    process (which asks for no huge pages itself) around the spawn, under a lock, and left set (disabled)
+    for every other child. Not in a ``preexec_fn``: with one, Python forks instead of vforking, and copying
+    the page tables of a notebook's kernel cost ~27 ms per QEMU launch with 300 MiB resident (docs/boot.md).
+    Only without ``setpriv`` is :func:`pdeathsig_preexec` still needed.
     """
+    with _thp_lock:
+        _set_thp_disabled(not huge_pages)
+        try:
+            yield pdeathsig_preexec()
+        finally:
+            _set_thp_disabled(True)      # what every other child of this process keeps seeing
+
+
+def _set_thp_disabled(disabled: bool) -> None:
     global _thp_disabled
-    if not _thp_disabled:
+    if _thp_disabled != disabled:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        _thp_disabled = True
-    return pdeathsig_preexec()
+        if libc.prctl(_PR_SET_THP_DISABLE, int(disabled), 0, 0, 0) == 0:
+            _thp_disabled = disabled
 
 
 def register(pid: int, private_dir: Optional[Path]) -> None:

@@ -95,7 +95,7 @@ def path_of_work(quick: bool = False, progress: Progress = None, *, image: Optio
     _check_workloads(workloads)
     repeats = repeats or (2 if quick else 5)
     scale = 0.5 if quick else 1
-    seconds = seconds or (1.0 if quick else 2.0)
+    seconds = seconds or (0.5 if quick else 2.0)
     if not (isinstance(repeats, int) and 1 <= repeats <= 50):
         raise SpecError("repeats", f"{repeats!r} is not between 1 and 50", fix="e.g. repeats=3")
     rows = Rows("path-of-work")
@@ -193,7 +193,7 @@ def noisy_neighbour(quick: bool = False, progress: Progress = None, *, seconds: 
     (this host is itself a VM), core, available, note. With ``kvm=True`` the
     same runs under KVM where it is proven; otherwise a row says why not.
     """
-    seconds = seconds if seconds is not None else (1.0 if quick else 2.0)
+    seconds = seconds if seconds is not None else (0.5 if quick else 2.0)
     repeats = repeats if repeats is not None else (3 if quick else 5)
     if not isinstance(seconds, (int, float)) or not 0 < seconds <= 120:
         raise SpecError("seconds", f"{seconds!r} is not between 0 and 120 s", fix="e.g. seconds=2")

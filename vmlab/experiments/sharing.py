@@ -178,7 +178,7 @@ def run(quick: bool = False, progress: Progress = None, *, counts: Optional[Sequ
         image: Optional[GuestImage] = None, on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> pd.DataFrame:
     """N VMs (quick: 1, 2, 4; else 1, 2, 4, 8) run ``vmbench spin`` at once; one row per N."""
     counts = tuple(counts) if counts is not None else (QUICK_COUNTS if quick else FULL_COUNTS)
-    seconds = seconds if seconds is not None else (2.0 if quick else 5.0)
+    seconds = seconds if seconds is not None else (1.0 if quick else 5.0)
     _check(counts, seconds, memory)
     if accel not in ("tcg", "kvm", "auto"):
         raise SpecError("accel", f"{accel!r} is not tcg, kvm or auto", fix='accel="tcg"')

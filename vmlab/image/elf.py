@@ -16,7 +16,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Optional, TypedDict
+from typing import BinaryIO, Optional, Tuple, TypedDict
 
 from ..errors import ImageError
 
@@ -123,6 +123,18 @@ def extract_vmlinux(src: Path, dest: Path) -> None:
             "uncompressed vmlinux built with CONFIG_PVH=y")
 
 
+def _elf64_le(f: BinaryIO) -> Optional[Tuple[bytearray, int, int, int, bytearray]]:
+    """The ELF header, ``e_phoff``, ``e_phentsize``, ``e_phnum`` and the program-header table of an open
+    ELF64 little-endian file; None for any other file."""
+    head = bytearray(f.read(64))
+    if len(head) < 64 or head[:4] != ELF_MAGIC or head[4] != 2 or head[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    f.seek(phoff)
+    return head, phoff, phentsize, phnum, bytearray(f.read(phentsize * phnum))
+
+
 def trim_zero_tails(path: Path, *, dry_run: bool = False) -> int:
     """Shrink each ``PT_LOAD``'s ``p_filesz`` to its last non-zero byte (page-rounded); the bytes saved.
 
@@ -132,13 +144,10 @@ def trim_zero_tails(path: Path, *, dry_run: bool = False) -> int:
     rewritten (not even those with ``dry_run``: then it only counts); a non-ELF64-little-endian file is left alone (0).
     """
     with open(path, "rb" if dry_run else "r+b") as f:
-        head = f.read(64)
-        if len(head) < 64 or head[:4] != ELF_MAGIC or head[4] != 2 or head[5] != 1:
+        elf = _elf64_le(f)
+        if elf is None:
             return 0
-        phoff, = struct.unpack_from("<Q", head, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-        f.seek(phoff)
-        table = bytearray(f.read(phentsize * phnum))
+        _head, phoff, phentsize, phnum, table = elf
         saved = 0
         for i in range(phnum):
             o = i * phentsize
@@ -168,14 +177,11 @@ def drop_section_table(path: Path) -> int:
     file, or one whose section table lies inside its segments, is left alone (0).
     """
     with open(path, "r+b") as f:
-        head = bytearray(f.read(64))
-        if len(head) < 64 or head[:4] != ELF_MAGIC or head[4] != 2 or head[5] != 1:
+        elf = _elf64_le(f)
+        if elf is None:
             return 0
-        phoff, = struct.unpack_from("<Q", head, 0x20)
+        head, phoff, phentsize, phnum, table = elf
         shoff, = struct.unpack_from("<Q", head, 0x28)
-        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
         end = max(64, phoff + phentsize * phnum)
         for i in range(phnum):
             _type, _flags, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)

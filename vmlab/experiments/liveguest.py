@@ -58,8 +58,11 @@ STATE_FILE = "/tmp/vmlab-state"          # tmpfs: guest RAM, so it moves with th
 MAX_RATE = 4096.0
 #: auto-converge's CPU throttle: 99 % at once (QEMU's default starts at 20 % and adds 10 % a round: too slow to
 #: watch). The workload is paced, not CPU-bound: at 95 % its vCPU still runs 5 slices of 10 ms a second, and in
-#: each it catches up on up to 50 ms of writes, so the dirty rate hardly fell (~1000 pages/s at 0 % and at 95 %,
-#: measured); at 99 % (one slice a second) it does
+#: each it catches up on the writes it missed (then up to 50 ms of them), so the dirty rate hardly fell (~1000
+#: pages/s at 0 % and at 95 %, measured); at 99 % (one slice a second) it does. ``vmbench dirty`` now catches up
+#: on at most 10 ms of writes: with 50, a throttled round still left 1.3-2.5 MB at some syncs and the
+#: auto-converge case was cancelled in 5 of 14 trials on a faster machine; with 10 it completed in 8 of 8
+#: (docs/migration.md)
 THROTTLE = {"cpu-throttle-initial": 99, "cpu-throttle-increment": 1}
 CHECK_TIMEOUT = 10.0
 #: what a guest kernel prints when something went wrong (the console carries only the kernel's log)

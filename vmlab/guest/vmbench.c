@@ -103,7 +103,7 @@
  *     page, then write one 8-byte word per 4 KiB page, walking the region
  *     round-robin, at R MiB of pages per second (R = 0: no writes, heartbeat
  *     only; R >= 100000: as fast as it can). Bursts after a stall are capped
- *     at 50 ms of work. Every T ms (default 5) a heartbeat: the beat counter
+ *     at 10 ms of work. Every T ms (default 5) a heartbeat: the beat counter
  *     goes up, a 28-byte UDP datagram ("VMHB", seq, guest CLOCK_MONOTONIC ns,
  *     pages written so far; big-endian) goes to IP:P if given, and the
  *     counter is written to PATH if given. Runs S seconds (0, the default:
@@ -1460,7 +1460,7 @@ static int cmd_dirty(int argc, char **argv)
     }
     int unpaced = rate >= 100000;
     double per_ns = rate * 256.0 / 1e9;            /* pages per ns */
-    double credit = 0, cap = per_ns * 50e6;        /* at most 50 ms of work in one burst */
+    double credit = 0, cap = per_ns * 10e6;        /* at most 10 ms of work in one burst */
     uint64_t beat_ns = beat_ms * 1000000ull, written = 0, beats = 0, errors = 0, value = 1, max_gap = 0;
     size_t idx = 0;
     uint64_t t0 = now_ns(), end = secs > 0 ? t0 + (uint64_t)(secs * 1e9) : UINT64_MAX;

@@ -15,6 +15,7 @@ the orphans left are counted from the process table (must be 0), and after
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -379,6 +380,30 @@ def test_kernel_panic_error_quotes_the_panic_reason(image):
     with pytest.raises(VMError) as ei:
         vm.start()
     assert "Attempted to kill init" in str(ei.value)
+
+
+def test_a_panic_line_arriving_in_pieces_is_quoted_whole(tmp_path):
+    # the console hands QEMU's output over in chunks; a check between two of them once quoted "Attempted t"
+    from vmlab.vm.console import Console
+
+    async def feed(pieces):
+        con, reader, seen = Console(), asyncio.StreamReader(), []
+        con.open(tmp_path / "console.log")
+        pump = asyncio.ensure_future(con.pump(reader))
+        for piece in pieces:
+            reader.feed_data(piece)
+            await asyncio.sleep(0)          # the pump takes the chunk
+            await asyncio.sleep(0)
+            seen.append(con.panic())
+        reader.feed_eof()
+        await pump
+        con.close()
+        return seen
+
+    line = b"[    0.41] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n"
+    assert asyncio.run(feed([b"[    0.40] Run /init\r\n", line[:52], line[52:]])) == \
+        [None, None, "Attempted to kill init! exitcode=0x00000100"]
+    assert asyncio.run(feed([b"Kernel panic in an odd format\n"])) == [""]
 
 
 @pytest.mark.integration

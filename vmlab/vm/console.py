@@ -27,7 +27,9 @@ log = get_logger(__name__)
 
 CONSOLE_KEEP = 4 << 20
 Pattern = Union[str, "re.Pattern[str]"]
-_PANIC = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+#: the panic line, once it is whole (the console may hand it over in pieces)
+_PANIC = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)[\r\n]")
+_PANIC_START = b"Kernel panic - not syncing: "
 
 
 def user_only(path: str, flags: int) -> int:
@@ -114,11 +116,16 @@ class Console:
         return self._base + len(self._buf)
 
     def panic(self) -> Optional[str]:
-        """None, or why the guest kernel panicked ("" if the console does not say)."""
+        """None, or why the guest kernel panicked ("" if the console does not say).
+
+        None too while the panic line is still arriving: a reason cut off mid-line ("Attempted t") was
+        quoted once, when the check ran between two pieces of the console's output."""
         if b"Kernel panic" not in self._buf:
             return None
         why = _PANIC.search(self._buf)
-        return why.group(1).decode(errors="replace") if why else ""
+        if why:
+            return why.group(1).decode(errors="replace")
+        return None if _PANIC_START in self._buf else ""
 
     # ----------------------------------------------------------------- expect
     async def expect(self, vm: Watched, pattern: Pattern, timeout: float, since: Optional[int]) -> re.Match[str]:

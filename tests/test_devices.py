@@ -244,9 +244,13 @@ def test_net_quick_sanity(image):
     rr = df[df.direction == "rr"]
     assert (rr["lat_us_median"] > 0).all() and ((rr["lost"] >= 0) & (rr["lost"] < rr["count"])).all()
     assert (rr["packets"] == 2 * (rr["count"] - rr["lost"])).all()           # a request and its reply
-    # e1000 must trap on register writes to send; virtio-net kicks a shared ring less often
-    assert (_median(df, "e1000", "interventions_per_mb", direction="guest->host")
-            > _median(df, "virtio-net", "interventions_per_mb", direction="guest->host"))
+    # e1000 traps on register writes to send and to take an interrupt; virtio-net kicks a shared ring. Compared in
+    # request-response, one datagram in flight, where neither can batch: there the count is each device's own
+    # protocol (~4.4 vs 1.5 per packet). A stream batches as the load allows: under the parallel test run on the AMD
+    # machine e1000 took 0.26 and virtio-net 0.33 per packet, where quiet runs gave 0.8-1.5 vs 0.02-0.19; that
+    # comparison is benchmarks/devices.py's, judged on a quiet machine
+    assert (_median(df, "e1000", "interventions_per_packet", direction="rr")
+            > _median(df, "virtio-net", "interventions_per_packet", direction="rr"))
 
 
 @pytest.mark.integration

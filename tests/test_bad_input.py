@@ -111,6 +111,9 @@ BAD = [
     ("warm-with-nvme-disk", dict(warm=True, disks=[Disk(size="8M", bus="nvme")]), "warm", None),
     ("warm-with-root-on-disk", dict(warm=True, disks=[Disk(size="8M")], kernel_args="vmlab.root=/dev/vda"), "warm",
      None),
+    ("host-cpu-not-allowed", dict(host_cpu=4096), "host_cpu", None),
+    ("host-cpu-word", dict(host_cpu="fast"), "host_cpu", None),
+    ("host-cpu-two-vcpus", dict(host_cpu="auto", cpus=2), "host_cpu", None),
     ("unknown-setting-typo", dict(memroy=256), "memroy", None),
     ("image-not-an-image", dict(image="bogus"), "image", None),
 ]

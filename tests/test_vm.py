@@ -197,6 +197,23 @@ def test_warm_start_restores_a_booted_guest(image):
     assert "RESTORED" not in cold and cold[0] == "LAUNCH" and cold[-1] == "READY"
 
 
+def test_host_cpu_pins_every_qemu_thread_and_leaves_this_process_as_it_was(image):
+    """host_cpu=N: QEMU and every thread it starts (vCPU, main loop, workers) may run on CPU N only; the process
+    that spawned it keeps its own affinity. "auto" picks a CPU this process may use."""
+    allowed = os.sched_getaffinity(0)
+    for want in (max(allowed), "auto"):
+        with VM(accel="tcg", image=image, name="pintest", host_cpu=want) as vm:
+            assert vm.host_cpu in allowed and (want == "auto" or vm.host_cpu == want)
+            vm.run("true")      # the agent has answered: QEMU's threads are all up
+            tids = os.listdir(f"/proc/{vm.pid}/task")
+            assert len(tids) >= 2
+            assert {frozenset(os.sched_getaffinity(int(t))) for t in tids} == {frozenset({vm.host_cpu})}
+            assert f"host-cpu={vm.host_cpu}" in repr(vm)
+        assert os.sched_getaffinity(0) == allowed
+    with VM(accel="tcg", image=image, name="pintest") as vm:
+        assert vm.host_cpu is None and os.sched_getaffinity(vm.pid) == allowed
+
+
 def test_warm_restore_with_other_disks_sees_their_contents(image, tmp_path):
     """Saved with a blank disk, restored with a partitioned one: the guest reads the new disk, partitions and all."""
     def disk(name: str, partitioned: bool) -> Disk:

@@ -49,7 +49,8 @@ Paths:
 - :func:`cache_dir`: created 0700 on first use; unusable paths raise :class:`ImageError` naming
   the path and the fix.
 - :func:`private_root`: where each VM's private 0700 directory is made (``$XDG_RUNTIME_DIR`` if
-  usable, else the temp dir).
+  usable and its files take ``O_DIRECT``, else the temp dir).
+- :func:`takes_direct_io`: whether a file can be opened with ``O_DIRECT`` (a disk's ``cache=none``).
 
 :func:`atomic_write` writes a file so that readers see the old or the new content, never a
 part, with the mode set before the content is visible.
@@ -58,6 +59,7 @@ part, with the mode set before the content is visible.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -85,6 +87,7 @@ __all__ = [
     "quick",
     "slow_kvm",
     "strict",
+    "takes_direct_io",
     "verify_image",
 ]
 
@@ -239,11 +242,44 @@ def cache_subdir(name: str) -> Path:
 
 
 def private_root() -> Path:
-    """Where private VM directories live: $XDG_RUNTIME_DIR if usable, else the temp dir."""
+    """Where private VM directories live: $XDG_RUNTIME_DIR if usable, else the temp dir.
+
+    A scratch disk is made in the private directory and opened with ``cache=none`` (``O_DIRECT``). A desktop's
+    $XDG_RUNTIME_DIR is a tmpfs, which refuses ``O_DIRECT`` before Linux 6.6 (Debian 12 runs 6.1): such a
+    directory is passed over for the temp dir."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+    if base and os.path.isdir(base) and os.access(base, os.W_OK) and _dir_takes_direct_io(base):
         return Path(base)
     return Path(tempfile.gettempdir())
+
+
+def takes_direct_io(path: Union[str, Path]) -> bool:
+    """Whether the file ``path`` can be opened with ``O_DIRECT``, as QEMU opens a disk with ``cache=none`` or
+    ``directsync``. tmpfs before Linux 6.6 and ramfs refuse it (EINVAL); other errors (a missing or unreadable
+    file) are not this question's, and QEMU reports them."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.errno != errno.EINVAL
+    return True
+
+
+_direct_io_dirs: dict = {}
+
+
+def _dir_takes_direct_io(directory: str) -> bool:
+    """:func:`takes_direct_io` for a new file in ``directory`` (probed once per directory and process)."""
+    if directory not in _direct_io_dirs:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".vmlab-direct-", dir=directory)
+        except OSError:
+            return False
+        os.close(fd)
+        try:
+            _direct_io_dirs[directory] = takes_direct_io(tmp)
+        finally:
+            os.unlink(tmp)
+    return bool(_direct_io_dirs[directory])
 
 
 def atomic_write(path: Union[str, Path], data: Union[bytes, str], mode: int = 0o600) -> Path:

@@ -30,6 +30,7 @@ __all__ = [
     "host_steal_ticks",
     "is_zombie",
     "parent_pid",
+    "pinned_per_cpu",
     "process_cpu_seconds",
     "pss_bytes",
     "rss_bytes",
@@ -188,6 +189,23 @@ def is_zombie(pid: int) -> Optional[bool]:
         return stat_fields(pid)[0] == "Z"
     except (OSError, IndexError):
         return None
+
+
+def pinned_per_cpu(name: str) -> dict[int, int]:
+    """``{cpu: n}``: how many processes named ``name`` (``/proc/PID/comm``) may run on that one CPU only,
+    from one pass over /proc (any user's: reading an affinity needs no privilege)."""
+    n: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or comm(int(d)) != name:
+            continue
+        try:
+            cpus = os.sched_getaffinity(int(d))
+        except OSError:          # gone meanwhile
+            continue
+        if len(cpus) == 1:
+            cpu = next(iter(cpus))
+            n[cpu] = n.get(cpu, 0) + 1
+    return n
 
 
 def children() -> dict[int, list[int]]:

@@ -228,6 +228,7 @@ class MachineSpec:
     reboot: bool = True                     # a guest reboot resets the VM (False: QEMU exits instead)
     nested: bool = False                    # KVM inside the guest: a virtual CPU with svm/vmx, kvm loaded
     host_root: bool = False                 # nested only: the host's / shared READ-ONLY over virtio-9p
+    host_cpu: Union[int, str, None] = None  # all of QEMU's threads on this host CPU ("auto": the least used)
 
     @property
     def memory_mb(self) -> int:
@@ -285,6 +286,7 @@ class MachineSpec:
             if not isinstance(a, str) or "\0" in a:
                 raise SpecError("extra_args", f"{a!r} is not a string", fix='e.g. extra_args=["-device", "..."]')
         _check_extra_args(extra)
+        _check_host_cpu(self.host_cpu, self.cpus)
         _check_text("kernel_args", self.kernel_args, 'kernel_args="libata.dma=0"')
         return dataclasses.replace(self, memory=mem >> 20, disks=disks, nics=nics, modules=modules,
                                    trace=trace, extra_args=extra)
@@ -295,6 +297,20 @@ class MachineSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_host_cpu(host_cpu: Any, cpus: int) -> None:
+    """``host_cpu``: None, "auto" or a CPU this process may run on; only for a one-vCPU guest."""
+    if host_cpu is None:
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if host_cpu != "auto" and (isinstance(host_cpu, bool) or not isinstance(host_cpu, int)
+                               or host_cpu not in allowed):
+        raise SpecError("host_cpu", f"{host_cpu!r} is not a host CPU this process may run on",
+                        fix=f'use "auto" or one of {allowed}, or leave host_cpu out')
+    if cpus != 1:
+        raise SpecError("host_cpu", f"{cpus} vCPUs on one host CPU would take turns on it",
+                        fix="pin only a one-vCPU guest (cpus=1), or leave host_cpu out")
 
 
 def _check_type(value: Any, cls: type, field_name: str) -> Any:

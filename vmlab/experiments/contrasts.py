@@ -43,7 +43,7 @@ def booted(profile: DeviceProfile, rows: Optional[Rows] = None, progress: Progre
     advance(progress)           # booting is one step of the experiment's plan
     try:
         if rows is not None:
-            rows.where = where_vm(vm)
+            rows.where = {**where_vm(vm), "qemu_pinned_cpu": "" if vm.host_cpu is None else str(vm.host_cpu)}
         yield vm
     finally:
         vm.shutdown()

@@ -60,6 +60,7 @@ class VMCore:
         self.accel: Optional[str] = None
         self.accel_reason: str = ""
         self.pid: Optional[int] = None
+        self.host_cpu: Optional[int] = None     # the host CPU all of QEMU runs on (spec.host_cpu), or None
         self.exit_code: Optional[int] = None
         self.private_dir: Optional[Path] = None
         self.launch: Optional[Launch] = None
@@ -86,6 +87,8 @@ class VMCore:
         bits.append(f"{self.spec.memory_mb}MiB")
         if self.pid:
             bits.append(f"pid={self.pid}")
+        if self.host_cpu is not None:
+            bits.append(f"host-cpu={self.host_cpu}")
         return f"<{type(self).__name__} {' '.join(bits)}>"
 
     # ------------------------------------------------------------ what it shows

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from qemu.qmp import EventListener, QMPClient
 
-from ..config import private_root
+from ..config import private_root, takes_direct_io
 from ..errors import LaunchError
 from ..image import GuestImage
 from ..log import get_logger
@@ -33,7 +33,7 @@ from ..tools import qemu_img
 from .agent import AgentClient
 from .console import user_only
 from .core import VMCore
-from .qemu import boot_initrd, build_launch, launch_fix
+from .qemu import DIRECT_CACHE_MODES, boot_initrd, build_launch, launch_fix
 from .reaper import claim_dir, finalizer, pdeathsig_prefix, qemu_spawn, register, unregister
 from .runner import running_loop
 from .state import Trigger
@@ -101,7 +101,8 @@ class LaunchMixin(VMCore):
                 open(self.private_dir / "trace.log", "wb", opener=user_only).close()
             self._events.t0 = time.monotonic()
             try:
-                with qemu_spawn(huge_pages=incoming is not None) as preexec:
+                with qemu_spawn(huge_pages=incoming is not None, host_cpu=self.spec.host_cpu,
+                                name=Path(self.launch.argv[0]).name[:15]) as (preexec, self.host_cpu):
                     self._proc = subprocess.Popen(
                         pdeathsig_prefix() + self.launch.argv, pass_fds=self.launch.pass_fds,
                         stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
@@ -155,6 +156,18 @@ class LaunchMixin(VMCore):
             _atexit_registered = True
 
     def _prepare_disk(self, index: int, disk: Disk) -> Path:
+        path = self._disk_file(index, disk)
+        if disk.cache in DIRECT_CACHE_MODES and not takes_direct_io(path):
+            where = "scratch disk" if disk.path is None else "image"
+            raise LaunchError(
+                f"disks[{index}]: the {where} {path} is on a file system that refuses O_DIRECT (tmpfs before Linux "
+                f"6.6, ramfs), which cache={disk.cache!r} needs",
+                fix=("make the private directories on a disk file system: TMPDIR=/var/tmp (and XDG_RUNTIME_DIR unset)"
+                     if disk.path is None else "move the image to a disk file system")
+                + ", or give the disk cache='writethrough' (the host's page cache then serves the guest's reads)")
+        return path
+
+    def _disk_file(self, index: int, disk: Disk) -> Path:
         if disk.path is not None:
             return Path(disk.path)
         assert self.private_dir is not None and disk.size is not None   # validated: a size or a path

@@ -31,13 +31,13 @@ import signal
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ..config import private_root
 from ..log import get_logger
-from ..procfs import comm, start_time
+from ..procfs import comm, pinned_per_cpu, start_time
 
-__all__ = ["DIR_PREFIX", "OWNER_FILE", "claim_dir", "finalizer", "kill_pid", "live_pids", "pdeathsig_preexec",
+__all__ = ["DIR_PREFIX", "OWNER_FILE", "claim_dir", "finalizer", "kill_pid", "least_pinned_cpu", "live_pids", "pdeathsig_preexec",
            "pdeathsig_prefix", "private_root", "qemu_spawn", "register", "start_time", "sweep_stale", "unregister"]
 
 log = get_logger(__name__)
@@ -75,9 +75,11 @@ _thp_disabled = False      # the PR_SET_THP_DISABLE setting this process has now
 
 
 @contextlib.contextmanager
-def qemu_spawn(huge_pages: bool = False) -> Iterator[Optional[Callable[[], None]]]:
-    """Hold while spawning QEMU: it starts with transparent huge pages allowed or not; yields the
-    preexec_fn to spawn it with (None: none is needed).
+def qemu_spawn(huge_pages: bool = False, host_cpu: Union[int, str, None] = None,
+               name: str = "qemu-system-x86") -> Iterator[Tuple[Optional[Callable[[], None]], Optional[int]]]:
+    """Hold while spawning QEMU: it starts with transparent huge pages allowed or not, and on the host CPU
+    *host_cpu* (None: any; "auto": :func:`least_pinned_cpu` for processes named *name*); yields the
+    preexec_fn to spawn it with (None: none is needed) and the CPU it is pinned on (or None).
 
     QEMU asks for huge pages on guest RAM (``MADV_HUGEPAGE``), so on a host whose THP setting is
     ``madvise`` or ``always`` one byte the guest touches costs the host 2 MiB: the default guest
@@ -91,13 +93,32 @@ def qemu_spawn(huge_pages: bool = False) -> Iterator[Optional[Callable[[], None]
     for every other child. Not in a ``preexec_fn``: with one, Python forks instead of vforking, and copying
     the page tables of a notebook's kernel cost ~27 ms per QEMU launch with 300 MiB resident (docs/boot.md).
     Only without ``setpriv`` is :func:`pdeathsig_preexec` still needed.
+
+    The CPU affinity works the same way: set on the spawning thread (``sched_setaffinity`` of pid 0 is the
+    calling thread's), inherited by QEMU and by every thread QEMU starts, and put back after the spawn.
+    Choosing an "auto" CPU under the same lock keeps two VMs started at once in this process apart.
     """
     with _thp_lock:
+        cpu = least_pinned_cpu(name) if host_cpu == "auto" else host_cpu
+        assert cpu is None or isinstance(cpu, int)
+        before = os.sched_getaffinity(0)
         _set_thp_disabled(not huge_pages)
         try:
-            yield pdeathsig_preexec()
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+            yield pdeathsig_preexec(), cpu
         finally:
             _set_thp_disabled(True)      # what every other child of this process keeps seeing
+            if cpu is not None:
+                os.sched_setaffinity(0, before)
+
+
+def least_pinned_cpu(name: str) -> int:
+    """The CPU this process may run on with the fewest processes named *name* pinned on it alone (any
+    user's, so students of one machine spread out); of equals, the highest numbered (CPU 0 takes more of
+    the host's interrupts)."""
+    used = pinned_per_cpu(name)
+    return min(sorted(os.sched_getaffinity(0)), key=lambda c: (used.get(c, 0), -c))
 
 
 def _set_thp_disabled(disabled: bool) -> None:

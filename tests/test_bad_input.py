@@ -114,6 +114,8 @@ BAD = [
     ("host-cpu-not-allowed", dict(host_cpu=4096), "host_cpu", None),
     ("host-cpu-word", dict(host_cpu="fast"), "host_cpu", None),
     ("host-cpu-two-vcpus", dict(host_cpu="auto", cpus=2), "host_cpu", None),
+    ("null-disk-with-a-path", dict(disks=[Disk(path="/etc/hostname", null=True)]), "disks[0].null", None),
+    ("null-disk-qcow2", dict(disks=[Disk(size="8M", null=True, format="qcow2")]), "disks[0].null", None),
     ("unknown-setting-typo", dict(memroy=256), "memroy", None),
     ("image-not-an-image", dict(image="bogus"), "image", None),
 ]

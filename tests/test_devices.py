@@ -9,6 +9,7 @@ never exact figures.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,23 @@ def test_interventions_scale_with_bytes(image):
         untraced = probe.measure(command(prof, "read", "seq", 65536, 1 << 20), count=False)
     assert one > 0 and 1.6 * one <= two <= 2.5 * one, (one, two)
     assert untraced.interventions == 0 and not untraced.counted
+
+
+@pytest.mark.integration
+def test_a_disk_profile_disk_stores_nothing(image):
+    """The device experiments' disk is QEMU's null driver: a write is accepted and dropped, a read returns zeros,
+    and there is no file on the host; its QEMU runs on one host CPU."""
+    prof = dv.get("virtio-blk")
+    with dv.boot(prof, accel="tcg", image=image) as vm:
+        drive = next(a for a in vm.launch.argv if "id=disk0" in a and a.startswith("driver="))
+        assert drive.startswith("driver=null-co,size=67108864,read-zeroes=on")
+        assert not list(vm.private_dir.glob("scratch*"))
+        vm.run("printf 'vmlab%.0s' $(seq 100) > /tmp/b && dd if=/tmp/b of=/dev/vda bs=512 count=1 oflag=direct",
+               timeout=30)
+        nonzero = vm.run("dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | tr -d '\\000' | wc -c").stdout
+        size = vm.run("dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | wc -c").stdout
+        assert (int(size), int(nonzero)) == (512, 0)
+        assert vm.host_cpu in os.sched_getaffinity(0)
 
 
 # ------------------------------------------------------------------ netsink

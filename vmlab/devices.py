@@ -88,8 +88,13 @@ class DeviceProfile:
 
     def spec(self, *, accel: str = "tcg", disk_size: str = "64M", name: Optional[str] = None,
              nic_backend: str = "socket", memory: int = 128, trace: bool = True,
-             host_cpu: Union[int, str, None] = "auto") -> MachineSpec:
+             host_cpu: Union[int, str, None] = "auto", null_disk: bool = True) -> MachineSpec:
         """The MachineSpec of a lesson VM carrying this device (validated).
+
+        A disk profile's disk stores nothing (``Disk(null=True)``, QEMU's null-co driver: reads return zeros,
+        writes are dropped), so what the guest times is the device path, not the host's storage; a scratch file
+        put the host's file system and the cloud disk under every write (docs/devices.md, "Steady repeats").
+        ``null_disk=False``: a sparse scratch file, opened with ``cache=none``.
 
         All of its QEMU runs on one host CPU (``host_cpu="auto"``: the least used). Each request of an emulated or
         paravirtual device passes between QEMU's vCPU thread and its main loop; on two host CPUs every such
@@ -99,7 +104,7 @@ class DeviceProfile:
         disks: Tuple[Disk, ...] = ()
         nics: Tuple[NIC, ...] = ()
         if self.disk_bus:
-            disks = (Disk(bus=self.disk_bus, size=disk_size),)
+            disks = (Disk(bus=self.disk_bus, size=disk_size, null=null_disk),)
         if self.nic_model:
             nics = (NIC(model=self.nic_model, backend=nic_backend),)
         return MachineSpec(name=name or f"dev-{self.name}", accel=accel, memory=memory, disks=disks,

@@ -101,6 +101,10 @@ class Disk:
 
     ``path`` names an existing image; without it a blank scratch disk of
     ``size`` is created in the VM's private directory and removed with it.
+    ``null=True`` (with ``size``, no path) is a disk that stores nothing, QEMU's
+    ``null-co`` driver: reads return zeros, writes are dropped, no host file or
+    storage is involved. The device experiments use it to time the virtual
+    device path alone (docs/devices.md, "Steady repeats").
     """
 
     path: Optional[Union[str, Path]] = None
@@ -111,12 +115,17 @@ class Disk:
     snapshot: bool = False       # writes go to a throw-away overlay
     cache: str = "none"          # host page cache bypassed: what the guest measures is the device
     serial: Optional[str] = None
+    null: bool = False           # stores nothing (reads zeros, drops writes): the device path alone
 
     def validated(self, index: int) -> Disk:
         f = f"disks[{index}]"
         _choice(f + ".bus", self.bus, DISK_BUSES, "disk bus")
         _check_bool(f + ".readonly", self.readonly)
         _check_bool(f + ".snapshot", self.snapshot)
+        _check_bool(f + ".null", self.null)
+        if self.null and (self.path is not None or self.format not in (None, "raw") or self.snapshot):
+            raise SpecError(f + ".null", "a null disk has no file: no path, format or snapshot",
+                            fix='Disk(size="64M", null=True), or leave null out for a disk that stores data')
         if self.serial is not None and not (isinstance(self.serial, str)
                                             and re.fullmatch(r"[A-Za-z0-9_.-]{1,20}", self.serial)):
             raise SpecError(f + ".serial", f"{self.serial!r} is not a usable disk serial",

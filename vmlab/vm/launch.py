@@ -156,6 +156,8 @@ class LaunchMixin(VMCore):
             _atexit_registered = True
 
     def _prepare_disk(self, index: int, disk: Disk) -> Path:
+        if disk.null:                   # no file (build_launch does not use the path)
+            return Path(os.devnull)
         path = self._disk_file(index, disk)
         if disk.cache in DIRECT_CACHE_MODES and not takes_direct_io(path):
             where = "scratch disk" if disk.path is None else "image"

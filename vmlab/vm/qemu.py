@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..image import GuestImage
-from ..spec import NIC_MODELS, MachineSpec
+from ..spec import NIC_MODELS, MachineSpec, parse_size
 from ..tools import qemu_binary
 
 AGENT_PORT = "org.vmlab.agent"
@@ -170,8 +170,12 @@ def build_launch(spec: MachineSpec, *, accel: str, kernel: Path, initrd: Path,
     ide_unit = 0
     for i, (d, path) in enumerate(zip(spec.disks, disk_paths, strict=False)):
         node = f"disk{i}"
-        opts = [f"file={path}", f"format={d.format}", "if=none", f"id={node}", f"cache={d.cache}",
-                f"aio={disk_aio(d.cache)}"]
+        if d.null:      # no file, so no cache mode nor AIO: requests complete in QEMU's block layer
+            opts = ["driver=null-co", f"size={parse_size(d.size or 0, f'disks[{i}].size')}", "read-zeroes=on",
+                    "if=none", f"id={node}"]
+        else:
+            opts = [f"file={path}", f"format={d.format}", "if=none", f"id={node}", f"cache={d.cache}",
+                    f"aio={disk_aio(d.cache)}"]
         if d.readonly:
             opts.append("readonly=on")
         if d.snapshot:

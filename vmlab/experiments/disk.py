@@ -67,9 +67,11 @@ def command(profile: dv.DeviceProfile, mode: str, pattern: str, bs: int, total: 
 
 
 def stretch(probe: dv.Probe, make: Any, total: int, unit: int, min_seconds: float,
-            limit: int = 256 << 20) -> int:
+            limit: int = 2 << 30) -> int:
     """Bytes per timed run so that one run lasts at least ``min_seconds`` (an untimed pilot run
-    measures the speed; short runs on a busy 2-core host give a large spread). 0 = keep ``total``."""
+    measures the speed; short runs on a busy 2-core host give a large spread). 0 = keep ``total``.
+    ``limit`` is 2 GiB: the null disk moves 256 KiB requests at up to ~3 GB/s here, and a cap of 256 MiB
+    made those runs ~0.1 s long, where one pause of the host moved a repeat by 25 % (docs/devices.md)."""
     if min_seconds <= 0:
         return total
     secs = float(probe.measure(make(total), count=False).result["seconds"])

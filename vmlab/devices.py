@@ -88,7 +88,7 @@ class DeviceProfile:
 
     def spec(self, *, accel: str = "tcg", disk_size: str = "64M", name: Optional[str] = None,
              nic_backend: str = "socket", memory: int = 128, trace: bool = True,
-             host_cpu: Union[int, str, None] = "auto", null_disk: bool = True) -> MachineSpec:
+             host_cpu: Union[int, str, None] = "profile", null_disk: bool = True) -> MachineSpec:
         """The MachineSpec of a lesson VM carrying this device (validated).
 
         A disk profile's disk stores nothing (``Disk(null=True)``, QEMU's null-co driver: reads return zeros,
@@ -96,11 +96,13 @@ class DeviceProfile:
         put the host's file system and the cloud disk under every write (docs/devices.md, "Steady repeats").
         ``null_disk=False``: a sparse scratch file, opened with ``cache=none``.
 
-        All of its QEMU runs on one host CPU (``host_cpu="auto"``: the least used). Each request of an emulated or
-        paravirtual device passes between QEMU's vCPU thread and its main loop; on two host CPUs every such
-        hand-off is a cross-CPU wake-up, which on this course's cloud machines (themselves VMs) made throughput
-        wander: 20 repeats of virtio-scsi 64 KiB random reads gave a CV of 5.7 % free and 1.2 % pinned, and ran 40 %
-        faster pinned (docs/devices.md, "Steady repeats"). ``host_cpu=None`` leaves QEMU to the host's scheduler."""
+        ``host_cpu="profile"``: a disk profile's QEMU runs all on one host CPU ("auto": the least used), the
+        others' where the host's scheduler puts it (None). Each disk request passes between QEMU's vCPU thread
+        and its main loop; on two host CPUs every such hand-off is a cross-CPU wake-up, which on this course's
+        cloud machines (themselves VMs) made throughput wander: 20 repeats of virtio-scsi 64 KiB random reads gave
+        a CV of 5.7 % free and 1.2 % pinned, and ran 40 % faster pinned. A console or NIC streams its data through
+        the main loop to this process, which pinned has to share the vCPU's CPU: virtio-console moved 10.5-12.5 MB/s
+        pinned, 15.9-22.5 free (docs/devices.md, "Steady repeats"). An int, "auto" or None overrides."""
         disks: Tuple[Disk, ...] = ()
         nics: Tuple[NIC, ...] = ()
         if self.disk_bus:
@@ -110,7 +112,9 @@ class DeviceProfile:
         return MachineSpec(name=name or f"dev-{self.name}", accel=accel, memory=memory, disks=disks,
                            nics=nics, console=self.console, kernel_args=self.kernel_args,
                            modules=self.modules, extra_args=self.extra_args,
-                           trace=self.trace if trace else (), host_cpu=host_cpu).validated()
+                           trace=self.trace if trace else (),
+                           host_cpu=("auto" if self.disk_bus else None) if host_cpu == "profile" else host_cpu
+                           ).validated()
 
     def row(self) -> Dict[str, Any]:
         return {"device": self.name, "contrast": self.contrast, "kind": self.kind, "title": self.title,

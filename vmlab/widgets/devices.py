@@ -70,6 +70,7 @@ def contrast_widget(contrast: str, *, accel: str = "auto") -> Any:
 
     def go(_: Any) -> None:
         import matplotlib.pyplot as plt
+        import numpy as np
         out.clear_output()
         if not devs.value:
             status.value = "<b style='color:#D55E00'>choose at least one device</b> (ctrl-click for several)"
@@ -81,10 +82,12 @@ def contrast_widget(contrast: str, *, accel: str = "auto") -> Any:
                 opts = run_options(contrast, devs.value, **{k: m.value for k, m in menus.items()})
                 mod = EXPERIMENTS[contrast]
                 df = mod.run(quick=True, accel=accel, progress=print, **opts)
-                mod.plot(df)
-                plt.show()
-                plot_interventions(df)
-                plt.show()
+                for draw in (mod.plot, plot_interventions):
+                    # each figure itself, not pyplot's "show whatever is open": a CI run under load got one
+                    # plot of the two, another widget's thread being free to show or close pyplot's figures
+                    fig = np.ravel(draw(df))[0].figure
+                    display(fig)
+                    plt.close(fig)
                 display(table(measured_ratios(df, contrast)))
                 status.value = "<b>done</b>"
             except Exception as exc:  # shown, never raised out of a callback

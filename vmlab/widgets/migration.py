@@ -148,10 +148,11 @@ class MigrationWidget:
         if not self.rows:
             return
         import matplotlib.pyplot as plt
+        from IPython.display import display
         df = self.frame()
         self.plot_out.clear_output(wait=True)
         with self.plot_out:
-            _fig, ax = figure(figsize=(7, 3.2))
+            fig, ax = figure(figsize=(7, 3.2))
             ok = df[df["converged"].astype(bool)]
             ax.scatter(ok["dirty_rate_mbs"], ok["total_time_s"], color=OKABE_ITO[5], label="total time (s)")
             ax.scatter(ok["dirty_rate_mbs"], ok["downtime_ms"] / 1e3, color=OKABE_ITO[6], marker="s",
@@ -162,7 +163,8 @@ class MigrationWidget:
                            label="gave up (no convergence)")
             style(ax, title="Your migrations", xlabel="guest dirty rate (MiB/s)", ylabel="seconds")
             ax.legend(fontsize=8)
-            plt.show()
+            display(fig)        # this figure, not pyplot's current ones (another widget may be drawing)
+            plt.close(fig)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

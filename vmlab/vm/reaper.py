@@ -37,8 +37,9 @@ from ..config import private_root
 from ..log import get_logger
 from ..procfs import comm, pinned_per_cpu, start_time
 
-__all__ = ["DIR_PREFIX", "OWNER_FILE", "claim_dir", "finalizer", "kill_pid", "least_pinned_cpu", "live_pids", "pdeathsig_preexec",
-           "pdeathsig_prefix", "private_root", "qemu_spawn", "register", "start_time", "sweep_stale", "unregister"]
+__all__ = ["DIR_PREFIX", "OWNER_FILE", "claim_dir", "finalizer", "kill_pid", "least_pinned_cpu", "live_pids",
+           "pdeathsig_preexec", "pdeathsig_prefix", "private_root", "qemu_spawn", "register", "start_time",
+           "sweep_stale", "unregister"]
 
 log = get_logger(__name__)
 
@@ -101,7 +102,7 @@ def qemu_spawn(huge_pages: bool = False, host_cpu: Union[int, str, None] = None,
     with _thp_lock:
         cpu = least_pinned_cpu(name) if host_cpu == "auto" else host_cpu
         assert cpu is None or isinstance(cpu, int)
-        before = os.sched_getaffinity(0)
+        before = os.sched_getaffinity(0) if cpu is not None else None
         _set_thp_disabled(not huge_pages)
         try:
             if cpu is not None:
@@ -109,7 +110,7 @@ def qemu_spawn(huge_pages: bool = False, host_cpu: Union[int, str, None] = None,
             yield pdeathsig_preexec(), cpu
         finally:
             _set_thp_disabled(True)      # what every other child of this process keeps seeing
-            if cpu is not None:
+            if before is not None:
                 os.sched_setaffinity(0, before)
 
 

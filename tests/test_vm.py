@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmlab import VM, AsyncVM, Disk, GuestError, RunState, SetupError, StateError, VMError, VMTimeout
+from vmlab.vm.reaper import MAIN_LOOP_NICE
 from vmlab.vm.warm import QUIET_S, snapshot_path
 
 pytestmark = pytest.mark.integration
@@ -209,9 +210,19 @@ def test_host_cpu_pins_every_qemu_thread_and_leaves_this_process_as_it_was(image
             assert len(tids) >= 2
             assert {frozenset(os.sched_getaffinity(int(t))) for t in tids} == {frozenset({vm.host_cpu})}
             assert f"host-cpu={vm.host_cpu}" in repr(vm)
+            # the main loop (the first thread) yields to the vCPU: MAIN_LOOP_NICE levels below it
+            nice = {t: os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids}
+            vcpus = [t for t in tids if Path(f"/proc/{vm.pid}/task/{t}/comm").read_text().startswith("CPU ")]
+            mine = os.getpriority(os.PRIO_PROCESS, 0)
+            assert len(vcpus) == 1 and nice[vcpus[0]] == mine
+            assert nice[str(vm.pid)] == vm.main_loop_nice == min(19, mine + MAIN_LOOP_NICE)
         assert os.sched_getaffinity(0) == allowed
     with VM(accel="tcg", image=image, name="pintest") as vm:
         assert vm.host_cpu is None and os.sched_getaffinity(vm.pid) == allowed
+        vm.run("true")
+        assert vm.main_loop_nice is None
+        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{vm.pid}/task")} == {
+            os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 def test_warm_restore_with_other_disks_sees_their_contents(image, tmp_path):

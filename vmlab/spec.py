@@ -237,7 +237,8 @@ class MachineSpec:
     reboot: bool = True                     # a guest reboot resets the VM (False: QEMU exits instead)
     nested: bool = False                    # KVM inside the guest: a virtual CPU with svm/vmx, kvm loaded
     host_root: bool = False                 # nested only: the host's / shared READ-ONLY over virtio-9p
-    host_cpu: Union[int, str, None] = None  # all of QEMU's threads on this host CPU ("auto": the least used)
+    host_cpu: Union[int, str, None] = None  # all of QEMU's threads on this host CPU ("auto": the least used),
+                                            # its main loop 10 nice levels below the vCPU (reaper.yield_main_loop)
 
     @property
     def memory_mb(self) -> int:

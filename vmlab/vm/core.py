@@ -61,6 +61,7 @@ class VMCore:
         self.accel_reason: str = ""
         self.pid: Optional[int] = None
         self.host_cpu: Optional[int] = None     # the host CPU all of QEMU runs on (spec.host_cpu), or None
+        self.main_loop_nice: Optional[int] = None   # a pinned QEMU's main loop's nice value (reaper.yield_main_loop)
         self.exit_code: Optional[int] = None
         self.private_dir: Optional[Path] = None
         self.launch: Optional[Launch] = None

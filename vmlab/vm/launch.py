@@ -34,7 +34,7 @@ from .agent import AgentClient
 from .console import user_only
 from .core import VMCore
 from .qemu import DIRECT_CACHE_MODES, boot_initrd, build_launch, launch_fix
-from .reaper import claim_dir, finalizer, pdeathsig_prefix, qemu_spawn, register, unregister
+from .reaper import claim_dir, finalizer, pdeathsig_prefix, qemu_spawn, register, unregister, yield_main_loop
 from .runner import running_loop
 from .state import Trigger
 
@@ -143,6 +143,11 @@ class LaunchMixin(VMCore):
                                   exit_code=self.exit_code, fix=launch_fix(self._stderr_text()),
                                   **self._err_kw()) from exc
             raise LaunchError(f"could not connect to QEMU's monitor: {exc!r}", **self._err_kw()) from exc
+        if self.host_cpu is not None:   # the vCPU threads exist now: only the main loop yields to them
+            try:
+                self.main_loop_nice = yield_main_loop(self.pid)
+            except ProcessLookupError:  # QEMU has just exited: the exit is reported as any other
+                pass
         self._advance(Trigger.RESTORING if incoming else Trigger.LAUNCHED_PAUSED if paused else Trigger.LAUNCHED)
         self._record_event("LAUNCH", {"pid": self.pid, "paused": paused, "incoming": bool(incoming)},
                            source="vmlab")

@@ -126,9 +126,9 @@ def yield_main_loop(pid: int) -> int:
     For a QEMU pinned on one host CPU (``host_cpu``): every disk request passes from the vCPU thread to the
     main loop and back, and the two threads take turns on that CPU. At equal priority the main loop, woken,
     often preempted the vCPU thread in the middle of guest work, and repeats of one workload fell into a slow and
-    a fast mode (NVMe 4 KiB reads: ~71 or ~81 MB/s, and the slow repeats had 3-4 times the vCPU's involuntary
-    context switches). Ten levels lower, the main loop runs when the vCPU waits (the guest halts for its
-    I/O): the vCPU's involuntary switches fell from 600-2,800 to 14-64 per run and the slow mode went.
+    a fast mode (NVMe 4 KiB reads: 66-73 or 75-83 MB/s; the vCPU's involuntary context switches 1,174-2,855 per
+    slow repeat, 373-984 per fast one). Ten levels lower, the main loop runs when the vCPU waits (the guest halts
+    for its I/O): 14-64 involuntary switches per repeat, 77-84 MB/s, and the slow mode went.
     Call it once QEMU's vCPU threads exist (QMP has answered): a thread inherits its creator's nice value.
     Raising a nice value needs no privilege."""
     nice = min(19, os.getpriority(os.PRIO_PROCESS, pid) + MAIN_LOOP_NICE)

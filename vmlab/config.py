@@ -64,7 +64,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 from .errors import ImageError, SetupError
 
@@ -264,7 +264,7 @@ def takes_direct_io(path: Union[str, Path]) -> bool:
     return True
 
 
-_direct_io_dirs: dict = {}
+_direct_io_dirs: Dict[str, bool] = {}   # directory -> whether a new file there takes O_DIRECT
 
 
 def _dir_takes_direct_io(directory: str) -> bool:
@@ -279,7 +279,7 @@ def _dir_takes_direct_io(directory: str) -> bool:
             _direct_io_dirs[directory] = takes_direct_io(tmp)
         finally:
             os.unlink(tmp)
-    return bool(_direct_io_dirs[directory])
+    return _direct_io_dirs[directory]
 
 
 def atomic_write(path: Union[str, Path], data: Union[bytes, str], mode: int = 0o600) -> Path:

@@ -163,8 +163,9 @@ $(CLASS_VENV)/.installed: pyproject.toml
 # The shared guest image cache: built once, then read-only for the students. The lesson kernel `make image` built is
 # copied in (not built again).
 classroom-image: venv image
-	mkdir -p -m 0700 $(CLASS_CACHE)/kernels
+	mkdir -p -m 0700 $(CLASS_CACHE)/kernels $(CLASS_CACHE)/busybox
 	cp -a -n "$$($(PY) -c 'from vmlab.config import cache_subdir; print(cache_subdir("kernels"))')"/. $(CLASS_CACHE)/kernels/
+	cp -a -n "$$($(PY) -c 'from vmlab.config import cache_subdir; print(cache_subdir("busybox"))')"/. $(CLASS_CACHE)/busybox/
 	VMLAB_CACHE=$(CURDIR)/$(CLASS_CACHE) $(PY) -m vmlab image build
 	VMLAB_CACHE=$(CURDIR)/$(CLASS_CACHE) VMLAB_GUEST_KERNEL=debian $(PY) -m vmlab image build
 	chmod -R a+rX,go-w $(CLASS_CACHE)

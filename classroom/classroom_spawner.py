@@ -10,7 +10,7 @@ class needs on a shared machine:
 - **the course in each home**: ``~/lessons`` is a copy of the lessons (``vmlab.workspace.sync_workspace``:
   a lesson the student edited is kept).
 - **a shared, read-only guest image cache**: each student's ``VMLAB_CACHE`` is ``~/.cache/vmlab`` whose
-  ``images`` and ``downloads`` are symbolic links into ``image_cache`` (built once by ``make classroom``),
+  ``images``, ``downloads`` and ``busybox`` are symbolic links into ``image_cache`` (built once by ``make classroom``),
   so no student rebuilds the image; warm snapshots and KVM verdicts stay per student.
 - **per-student limits** from ``mem_limit`` and ``cpu_limit``, enforced with a cgroup per student (v1 memory +
   cpu, or v2 memory.max + cpu.max) where the hub may create cgroups; otherwise the hub logs that the limits are
@@ -186,7 +186,7 @@ class ClassroomSpawner(SimpleLocalProcessSpawner):
         cache.mkdir(parents=True, exist_ok=True)
         if self.image_cache:
             shared = Path(self.image_cache)
-            for name in ("images", "downloads"):
+            for name in ("images", "downloads", "busybox"):
                 link = cache / name
                 if link.is_symlink() or not link.exists():
                     if link.is_symlink():

@@ -44,8 +44,8 @@ SERIAL_MODULES = {"test_classroom", "test_hosted_sharing", "test_cpu_platform"}
 
 @pytest.hookimpl(tryfirst=True)
 def copy_built_kernels(dest_cache: Path, *, link: bool = False) -> None:
-    """Put the built lesson kernels of this cache into *dest_cache* (hard links with *link*), so that a test's fresh
-    cache builds its image in seconds instead of compiling the kernel again (8 minutes)."""
+    """Put the built lesson kernels and guest busybox of this cache into *dest_cache* (hard links with *link*), so
+    that a test's fresh cache builds its image in seconds instead of compiling them again (8 minutes, 40 s)."""
     import shutil
 
     from vmlab.config import cache_dir
@@ -55,10 +55,11 @@ def copy_built_kernels(dest_cache: Path, *, link: bool = False) -> None:
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
-    for d in (cache_dir() / "kernels").glob("[0-9a-f]*"):
-        if (d / "build.json").is_file():
-            shutil.copytree(d, dest_cache / "kernels" / d.name, symlinks=True,
-                            copy_function=hardlink if link else shutil.copy2)
+    for sub in ("kernels", "busybox"):
+        for d in (cache_dir() / sub).glob("[0-9a-f]*"):
+            if (d / "build.json").is_file():
+                shutil.copytree(d, dest_cache / sub / d.name, symlinks=True,
+                                copy_function=hardlink if link else shutil.copy2)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -244,6 +244,7 @@ def shared_image_cache():
     (shared / "images").mkdir(parents=True)
     shutil.copytree(img.root, shared / "images" / img.root.name)
     shutil.copytree(src / "downloads", shared / "downloads", ignore=shutil.ignore_patterns(".download-*"))
+    shutil.copytree(src / "busybox", shared / "busybox", ignore=shutil.ignore_patterns(".*", "failed-*"))
     if (src / "hashes.json").exists():
         shutil.copy2(src / "hashes.json", shared / "hashes.json")
     for dirpath, _dirs, files in os.walk(shared):

@@ -87,10 +87,11 @@ def fake_elf_kernel(path: Path, version: str = "6.0.0-fake") -> Path:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    """A private cache and no kernel overrides."""
-    for var in ("VMLAB_KERNEL", "VMLAB_KERNEL_MODULES", "VMLAB_VERIFY_IMAGE", "VMLAB_BUSYBOX",
-                "XDG_CACHE_HOME"):
+    """A private cache and no kernel overrides; the host's busybox-static (a fresh cache has no musl build, and
+    these tests are about the image cache, not the guest's busybox: test_busybox.py is)."""
+    for var in ("VMLAB_KERNEL", "VMLAB_KERNEL_MODULES", "VMLAB_VERIFY_IMAGE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VMLAB_BUSYBOX", "debian")
     monkeypatch.setenv("VMLAB_CACHE", str(tmp_path / "cache"))
     return tmp_path
 

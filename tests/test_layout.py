@@ -45,7 +45,7 @@ def test_makefile_installs_what_it_needs():
     mk = (ROOT / "Makefile").read_text()
     assert "apt-get install" in mk and "venv" in mk and "image build" in mk
     apt = (ROOT / "apt.txt").read_text().split()
-    for pkg in ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "gcc"):
+    for pkg in ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "gcc", "musl-tools"):
         assert pkg in apt
 
 

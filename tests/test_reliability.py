@@ -528,10 +528,21 @@ def test_full_disk_while_building_the_image_is_an_image_error(image, tiny_tmpfs,
     from vmlab import image as vi
     monkeypatch.setenv("VMLAB_CACHE", str(tiny_tmpfs / "cache"))
     monkeypatch.setenv("VMLAB_KERNEL", str(image.kernel))      # a file kernel: no 600 MB pre-check
+    monkeypatch.setenv("VMLAB_BUSYBOX", "debian")             # no musl busybox build (a download) in the tmpfs
     with pytest.raises(ImageError) as ei:
         vi.ensure_image()
     assert "No space left" in str(ei.value) and "VMLAB_CACHE" in ei.value.fix
     assert [p.name for p in (tiny_tmpfs / "cache" / "images").iterdir()] == [".lock"]
+
+
+def test_a_compile_that_fills_the_disk_names_the_disk_not_the_source(tiny_tmpfs):
+    from vmlab.image.guesttools import compile_tool
+    from vmlab.image.util import DEFAULT_GUEST_DIR
+    (tiny_tmpfs / "filler").write_bytes(bytes(900 << 10))        # ~100 KiB left: a static program does not fit
+    with pytest.raises(ImageError) as ei:
+        compile_tool(DEFAULT_GUEST_DIR / "vmagent.c", tiny_tmpfs / "vmagent")
+    assert "No space left on device" in ei.value.message and "VMLAB_CACHE" in ei.value.fix
+    assert "fix the compile error" not in ei.value.fix
 
 
 # ============================================================== concurrency

@@ -20,7 +20,11 @@ variable                 meaning                                            read
 ``VMLAB_KERNEL``         a kernel file (vmlinuz or vmlinux) instead of      :func:`kernel_file`
                          either
 ``VMLAB_KERNEL_MODULES`` that kernel's ``/lib/modules/<version>`` directory :func:`kernel_modules_dir`
-``VMLAB_BUSYBOX``        the static busybox put into the guest image        :func:`busybox_override`
+``VMLAB_BUSYBOX``        the static busybox put into the guest image;        :func:`busybox_override`
+                         ``debian``: the host's busybox-static; unset:
+                         vmlab's musl build (vmlab.image.busybox)
+``VMLAB_DEBIAN_MIRROR``  the Debian archive the busybox source comes from   :func:`debian_mirror`
+                         (default http://deb.debian.org/debian)
 ``VMLAB_VERIFY_IMAGE``   ``1``: check a cached image's sha256 on every use  :func:`verify_image`
 ``VMLAB_QUICK``          ``1``: lessons run small sizes and few repeats;    :func:`quick`
                          ``0``: full sizes; unset: quick in an interactive
@@ -76,6 +80,7 @@ __all__ = [
     "cache_dir",
     "cache_subdir",
     "class_store",
+    "debian_mirror",
     "env",
     "env_flag",
     "guest_kernel",
@@ -99,7 +104,8 @@ ENV_VARS: dict[str, str] = {
     "VMLAB_GUEST_KERNEL": "lesson (default: built for the guest from Debian's source) or debian (Debian's package)",
     "VMLAB_KERNEL": "a kernel file instead of the lesson or Debian kernel",
     "VMLAB_KERNEL_MODULES": "that kernel's /lib/modules/<version> directory",
-    "VMLAB_BUSYBOX": "the static busybox for the guest image",
+    "VMLAB_BUSYBOX": "the static busybox for the guest image; debian: the host's busybox-static; unset: musl build",
+    "VMLAB_DEBIAN_MIRROR": "the Debian archive the guest busybox's source is downloaded from",
     "VMLAB_VERIFY_IMAGE": "1: check the cached image's sha256 on every use",
     "VMLAB_QUICK": "1: small sizes and few repeats",
     "VMLAB_LOG": "debug/info/warning: show the vmlab logger on stderr",
@@ -164,6 +170,11 @@ def kernel_modules_dir() -> Optional[str]:
 def busybox_override() -> Optional[str]:
     """``$VMLAB_BUSYBOX`` as given."""
     return env("VMLAB_BUSYBOX")
+
+
+def debian_mirror() -> Optional[str]:
+    """``$VMLAB_DEBIAN_MIRROR`` as given (the Debian archive of the busybox source)."""
+    return env("VMLAB_DEBIAN_MIRROR")
 
 
 def verify_image() -> bool:

@@ -1,7 +1,7 @@
 """Build the guest image (or return the cached one): :func:`ensure_image`.
 
-The key is a hash of every input (builder version, kernel identity, busybox, the guest
-sources directory, gcc), so a second call only hashes a few small files and returns the
+The key is a hash of every input (builder version, kernel identity, busybox (vmlab's musl build,
+:mod:`.busybox`), the guest sources directory, gcc), so a second call only hashes a few small files and returns the
 cached image (well under a second). Steps of a build, in a private temp dir under the
 images dir: extract the kernel package and run depmod; build the root file system (fails
 fast on a missing required module); decompress the kernel to ``vmlinux`` and check its PVH
@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 from .. import config
 from ..errors import ImageError
 from ..tools import need_tool, run_tool
+from .busybox import BusyboxChoice, guest_busybox
 from .cache import (
     OUTPUTS,
     GuestImage,
@@ -38,7 +39,7 @@ from .cache import (
 )
 from .cpio import CpioEntry, compress_lz4, write_cpio
 from .elf import drop_section_table, elf_info, extract_vmlinux, trim_zero_tails
-from .guesttools import check_guest_dir, find_busybox, gcc_version
+from .guesttools import check_guest_dir, gcc_version
 from .kernel import KernelSource, resolve_kernel
 from .lessonkernel import ensure_lesson_kernel
 from .modules import depmod, optional_module_files, prepare_modules_dir, signatures_enforced
@@ -84,25 +85,29 @@ def image_key(inputs: dict[str, Any]) -> str:
 
 
 def ensure_image(force: bool = False, progress: Callable[[str], None] | None = None, *,
-                 guest_dir: Path | None = None, guest_kernel: str | None = None) -> GuestImage:
+                 guest_dir: Path | None = None, guest_kernel: str | None = None,
+                 retry_busybox: bool = False) -> GuestImage:
     """Return the guest image for the current inputs, building it if needed.
 
     Cheap when the image is cached (sizes are checked; sha256 too when
     ``VMLAB_VERIFY_IMAGE=1`` or ``force``). A damaged cached image is rebuilt. *guest_kernel*
     (``"lesson"`` or ``"debian"``) overrides ``VMLAB_GUEST_KERNEL``; the first build of the
-    lesson kernel takes minutes (:mod:`vmlab.image.lessonkernel`), later images reuse it.
+    lesson kernel takes minutes (:mod:`vmlab.image.lessonkernel`), later images reuse it; so does the first
+    build of the guest's busybox (:mod:`vmlab.image.busybox`, about 20 s), which *retry_busybox* tries again
+    if it failed within the hour.
     """
     with umask(0o077):
-        return _ensure_image(force, progress, guest_dir, guest_kernel)
+        return _ensure_image(force, progress, guest_dir, guest_kernel, retry_busybox)
 
 
 def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path],
-                  guest_kernel: Optional[str] = None) -> GuestImage:
+                  guest_kernel: Optional[str] = None, retry_busybox: bool = False) -> GuestImage:
     gdir = resolve_guest_dir(guest_dir)
     check_guest_dir(gdir)
     cache = config.cache_dir()
     images = images_dir()
-    busybox = find_busybox()
+    choice = guest_busybox(progress, retry=retry_busybox)
+    busybox = choice.path
     gcc = gcc_version()
     kernel = resolve_kernel(progress, guest_kernel=guest_kernel, guest_dir=gdir)
     inputs = image_inputs(kernel, busybox, gdir, gcc)
@@ -127,7 +132,7 @@ def _ensure_image(force: bool, progress: Progress, guest_dir: Optional[Path],
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
         try:
             try:
-                manifest = _build(tmp, kernel, busybox, gdir, inputs, key, progress)
+                manifest = _build(tmp, kernel, choice, gdir, inputs, key, progress)
             except OSError as exc:      # ENOSPC, EDQUOT, EACCES... while writing the build
                 raise ImageError(f"building the guest image in {images} failed: {exc.strerror or exc}"
                                  + (f" ({exc.filename2 or exc.filename})" if exc.filename else ""),
@@ -173,7 +178,7 @@ def _unpack_debian(kernel: KernelSource, work: Path, manifest: dict[str, Any],
     return kfile, mdir
 
 
-def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: dict[str, Any],
+def _build(tmp: Path, kernel: KernelSource, busybox: BusyboxChoice, gdir: Path, inputs: dict[str, Any],
            key: str, progress: Progress) -> dict[str, Any]:
     t0 = time.monotonic()
     work = tmp / "work"
@@ -182,7 +187,7 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
     out.mkdir()
     version = kernel.version
     manifest: dict[str, Any] = {"builder": BUILDER_VERSION, "key": key, "inputs": inputs,
-                                "kernel_version": version}
+                                "kernel_version": version, "busybox_build": busybox.describe()}
     mdir: Optional[Path]
     strip = False
     if kernel.kind == "debian":
@@ -210,7 +215,7 @@ def _build(tmp: Path, kernel: KernelSource, busybox: Path, gdir: Path, inputs: d
     rootfs = work / "rootfs"
     say(progress, "building the root file system")
     build_rootfs(rootfs, kernel_version=version, guest_dir=gdir, modules_dir=mdir,
-                 busybox=busybox, manifest=manifest, progress=progress,
+                 busybox=busybox.path, manifest=manifest, progress=progress,
                  strip_module_signatures=strip)
 
     say(progress, "decompressing the kernel to vmlinux")

@@ -47,6 +47,9 @@ def _status(as_json: bool) -> int:
         if st["built"]:
             print(f"guest image: built, kernel {st['kernel_version']}, key {st['key']}")
             print(f"  {st['path']}")
+            bb = st.get("busybox")
+            if bb:
+                print(f"  busybox: {bb['libc']} ({bb['source']})" + (f"; {st['note']}" if st.get("note") else ""))
         else:
             print("guest image: not built" + (f" ({st['note']})" if st.get("note") else ""))
         for p in st["problems"]:
@@ -62,7 +65,7 @@ def _build(force: bool, as_json: bool) -> int:
 
     t0 = time.monotonic()
     try:
-        img = ensure_image(force=force, progress=progress)
+        img = ensure_image(force=force, progress=progress, retry_busybox=True)
     except SetupError as exc:
         if as_json:
             print(json.dumps({"ok": False, "error": exc.message, "fix": exc.fix}, indent=2))

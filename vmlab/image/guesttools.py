@@ -1,4 +1,4 @@
-"""The programs inside the guest: busybox (static, from the host) and vmlab's own C tools.
+"""The programs inside the guest: busybox (static; :mod:`.busybox` builds the guest's) and vmlab's own C tools.
 
 Every C tool of the guest is a row of :data:`GUEST_TOOLS`: its source is ``guest/<source>``,
 it is compiled with ``gcc -static`` (the guest has no C library) and installed as
@@ -79,8 +79,11 @@ def check_guest_dir(gdir: Path) -> None:
 
 # --------------------------------------------------------------------------- busybox
 def find_busybox() -> Path:
-    """The static busybox for the guest: ``$VMLAB_BUSYBOX`` or the system's."""
+    """A static busybox: ``$VMLAB_BUSYBOX`` when it is a path, else the system's ``busybox-static`` (the guest gets
+    vmlab's musl build of the same source unless ``$VMLAB_BUSYBOX`` says otherwise: :mod:`.busybox`)."""
     env = config.busybox_override()
+    if env == "debian":
+        env = None
     candidates = [env] if env else ["/bin/busybox", "/usr/bin/busybox", shutil.which("busybox")]
     for c in candidates:
         if c and os.path.isfile(c):
@@ -136,6 +139,10 @@ def compile_tool(src: Path, out: Path, cflags: tuple[str, ...] = STATIC_CFLAGS) 
             raise SetupError(f"cannot build static programs: the static C library is missing "
                              f"(compiling {src.name})\n    {tail(exc.message, 3)}",
                              fix="apt-get install gcc libc6-dev") from exc
+        if "No space left on device" in exc.message:      # the disk filled, not the source: say so
+            raise ImageError(f"compiling {src.name} failed: No space left on device ({out.parent})",
+                             fix="free some space (the build needs ~600 MB) or set VMLAB_CACHE to a "
+                                 "directory on a bigger disk") from exc
         raise
     os.chmod(out, 0o755)
 

@@ -15,6 +15,7 @@ from .. import config
 from ..errors import SetupError, VMLabError
 from ..tools import find_tool, need_tool
 from .build import image_inputs, image_key
+from .busybox import guest_busybox
 from .cache import check_cached, check_writable, images_dir
 from .guesttools import check_guest_dir, find_busybox, gcc_version
 from .kernel import resolve_kernel
@@ -91,7 +92,15 @@ def _image_status(guest_dir: Optional[Path]) -> dict[str, Any]:
                 status["note"] = (f"{kernel.package} is not downloaded yet; "
                                   "`python -m vmlab image build` will fetch it (~70 MB)")
                 return status
-        key = image_key(image_inputs(kernel, find_busybox(), gdir, gcc_version()))
+        busybox = guest_busybox(None, build=False)
+        status["busybox"] = busybox.describe()
+        if busybox.pending:
+            status["note"] = (status["note"] + "; " if status.get("note") else "") + \
+                "the guest's busybox (musl) is not built yet; `python -m vmlab image build` builds it (about 40 s)"
+            return status
+        if busybox.fallback and not status.get("note"):
+            status["note"] = f"the guest gets Debian's glibc busybox: {busybox.fallback}"
+        key = image_key(image_inputs(kernel, busybox.path, gdir, gcc_version()))
         status["key"] = key
         root = images_dir() / key
         manifest, why = check_cached(root, key, config.verify_image())

@@ -79,7 +79,8 @@ SCRATCH = "2G"
 #: SSE4.1/4.2, POPCNT, CX16): the host's NumPy dies of SIGILL on plain qemu64 (measured: status 132)
 TCG_INNER_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+svm,+npt"
 SCRATCH_DEV = "/dev/vda"
-INNER_DIRS = " ".join(f"{HOST}{INNER}/{d}" for d in ("cache/images", "cache/downloads", "cache/native", "home"))
+INNER_DIRS = " ".join(f"{HOST}{INNER}/{d}" for d in ("cache/images", "cache/downloads", "cache/native", "cache/busybox",
+                                                      "home"))
 
 
 @dataclass
@@ -120,13 +121,13 @@ def inner_spec(memory: int = MEMORY_MB, cpus: int = 1, accel: str = "tcg") -> Ma
 
 
 def _host_cache_links(image: GuestImage) -> List[str]:
-    """Shell lines linking the inner cache to the host's image, kernel package and native tools."""
+    """Shell lines linking the inner cache to the host's image, kernel package, native tools and busybox build."""
     host_cache = config.cache_dir()
     inner_cache = f"{HOST}{INNER}/cache"
     q = shlex.quote
     lines = [f"mkdir -p -m 0700 {INNER_DIRS}",
              f"ln -s {q(str(image.root))} {q(f'{inner_cache}/images/{image.key}')}"]
-    for sub in ("downloads", "native"):
+    for sub in ("downloads", "native", "busybox"):
         src = f"{HOST}{host_cache}/{sub}"
         lines.append(f'for f in {q(src)}/*; do [ -e "$f" ] && ln -s "${{f#{HOST}}}" {q(f"{inner_cache}/{sub}/")}; '
                      "done; true")

@@ -8,7 +8,8 @@ What it makes, in ``cache_dir()/images/<key>/``:
     store no zero tails (QEMU zero-fills ``p_memsz``, and keeps less of the file mapped).
 ``initrd.cpio``
     an uncompressed "newc" cpio (deterministic: sorted entries, mtime 0, uid/gid 0,
-    sequential inode numbers) holding busybox, the guest ``/init``, the guest tools
+    sequential inode numbers) holding busybox (vmlab's musl build of Debian's busybox source,
+    :mod:`.busybox`), the guest ``/init``, the guest tools
     (``/bin/vmagent``, ``/bin/vmbench``) and the kernel modules of ``guest/modules.txt``
     with their dependency closure (plus a ``modules.dep`` so busybox ``modprobe`` resolves
     dependencies in the guest).
@@ -44,6 +45,7 @@ The rooms (each imports only those above it in this list, and vmlab's bottom lay
 ``debian``       Debian version comparison, which kernel package, ``apt-get download``
 ``guesttools``   busybox, gcc, the table of C tools compiled into the guest (add one there)
 ``lessonkernel`` the lesson kernel: its key, its build from Debian's source package, its cache
+``busybox``      the guest's busybox: Debian's source linked with musl, its key, build, cache and fallback
 ``kernel``       the kernel source: the lesson kernel, Debian's package or ``VMLAB_KERNEL`` (+ modules dir)
 ``modules``      ``modules.txt``, the dependency closure, copying, depmod
 ``cache``        :class:`GuestImage`, the cache layout, checks, the build lock, pruning

@@ -313,3 +313,4 @@ def test_cli_boot_and_doctor_json():
     assert rep["accelerators"]["tcg"]["usable"] is True
     assert rep["accelerators"]["kvm"]["reason"]
     assert "is_vm" in rep["host"]["virtualization"]
+    assert rep["image"]["busybox"]["libc"] == "musl", rep["image"]      # vmlab's build (vmlab.image.busybox)

@@ -82,7 +82,9 @@ def _doctor(args: argparse.Namespace) -> int:
     print(f"QEMU        {q['version']} at {q['path']}" if q else "QEMU        MISSING")
     img = report["image"]
     print(f"guest image {'built: ' + str(img.get('path')) if img.get('built') else 'not built'}"
-          + (f" (kernel {img.get('kernel_version')}, {img.get('kernel_kind')})" if img.get("kernel_version") else ""))
+          + (f" (kernel {img.get('kernel_version')}, {img.get('kernel_kind')}"
+             + (f", busybox {img['busybox']['libc']}" if img.get("busybox") else "") + ")"
+             if img.get("kernel_version") else ""))
     if img.get("note"):
         print(f"            {img['note']}")
     for name, v in report["accelerators"].items():

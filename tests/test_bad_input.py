@@ -215,7 +215,7 @@ def _call_params():
 @pytest.mark.integration
 @pytest.mark.parametrize("call,field", list(_call_params()))
 def test_bad_call_names_field_and_vm_keeps_working(image, call, field):
-    with VM(accel="tcg", image=image, warm=True, name="relwarm") as vm:
+    with VM(accel="tcg", image=image, warm=True, name="badwarm") as vm:
         with pytest.raises(SpecError) as ei:
             call(vm)
         assert ei.value.field == field and ei.value.fix and field in str(ei.value)
@@ -224,7 +224,7 @@ def test_bad_call_names_field_and_vm_keeps_working(image, call, field):
 
 @pytest.mark.integration
 def test_waiting_for_an_event_that_never_comes_is_a_timeout_naming_it(image):
-    with VM(accel="tcg", image=image, warm=True, name="relwarm") as vm:
+    with VM(accel="tcg", image=image, warm=True, name="badwarm") as vm:
         with pytest.raises(VMTimeout) as ei:
             vm.wait_event("NO_SUCH_EVENT", timeout=0.5)
         assert "NO_SUCH_EVENT" in ei.value.phase and ei.value.fix
@@ -233,7 +233,7 @@ def test_waiting_for_an_event_that_never_comes_is_a_timeout_naming_it(image):
 
 @pytest.mark.integration
 def test_unknown_qmp_command_is_a_vm_error_with_qemus_reason(image):
-    with VM(accel="tcg", image=image, warm=True, name="relwarm") as vm:
+    with VM(accel="tcg", image=image, warm=True, name="badwarm") as vm:
         with pytest.raises(VMError) as ei:
             vm.qmp("no-such-command")
         assert "no-such-command" in str(ei.value) and "not been found" in str(ei.value)

@@ -105,7 +105,7 @@ def spawn_helper(name: str, *args: str, env: dict | None = None) -> tuple[subpro
 
 # ================================================================== orphans
 def sigkill_trial() -> dict:
-    name = "relwarm"        # one fixed name: a warm snapshot (80 MB) is cached per VM name
+    name = "relwarm"        # this module's own name: qemu_named() counts every QEMU of that name on the host
     proc, info = spawn_helper(name, "--warm")
     vm = info["vms"][0]
     qpid, pdir = vm["qemu_pid"], Path(vm["private_dir"])

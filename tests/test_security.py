@@ -72,7 +72,7 @@ def inet_sockets(pid: int) -> list[dict]:
 @pytest.fixture
 def vm(image):
     """A default guest, warm-started (0.1 s instead of a boot): the same command line and sockets."""
-    with VM(accel="tcg", image=image, name="relwarm", warm=True) as v:
+    with VM(accel="tcg", image=image, name="secwarm", warm=True) as v:
         yield v
 
 
@@ -187,7 +187,7 @@ def test_files_in_private_dir_are_user_only(vm):
 
 @pytest.mark.integration
 def test_cached_images_and_warm_snapshots_are_user_only(image):
-    with VM(accel="tcg", image=image, name="relwarm", warm=True) as vm:
+    with VM(accel="tcg", image=image, name="secwarm", warm=True) as vm:
         vm.run("true")
         snapshot = vm.warm_snapshot
     cache = cache_dir()

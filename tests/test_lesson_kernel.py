@@ -88,10 +88,10 @@ def test_debian_s_packaged_kernel_is_one_variable_away(monkeypatch):
         assert vm.run("echo ok").stdout.strip() == "ok"
 
 
-def test_only_the_newest_built_kernels_are_kept(tmp_path):
+def test_only_the_newest_built_kernels_are_kept(tmp_path):     # and busybox builds: the same prune_builds
     import os
 
-    from vmlab.image.lessonkernel import _prune
+    from vmlab.image.util import prune_builds
     for i, name in enumerate(["aaaa", "bbbb", "cccc"]):
         d = tmp_path / name
         (d / "lib").mkdir(parents=True)
@@ -99,6 +99,6 @@ def test_only_the_newest_built_kernels_are_kept(tmp_path):
         os.utime(d / "build.json", (1000 + i, 1000 + i))
         (tmp_path / f"build-{name}.log").write_text("log")
     (tmp_path / ".build-dddd-x").mkdir()                       # a build in progress has no build.json: not touched
-    _prune(tmp_path, keep=2)
+    prune_builds(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-dddd-x", "bbbb", "build-bbbb.log", "build-cccc.log",
                                                            "cccc"]

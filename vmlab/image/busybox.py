@@ -46,7 +46,17 @@ from ..errors import ImageError, SetupError
 from ..log import get_logger
 from ..tools import need_tool, run_tool, tail
 from .guesttools import check_static, find_busybox, gcc_version
-from .util import Progress, cached_sha256, exclusive_lock, rmtree, say, sha256_file, umask, write_json
+from .util import (
+    Progress,
+    cached_sha256,
+    exclusive_lock,
+    prune_builds,
+    rmtree,
+    say,
+    sha256_file,
+    umask,
+    write_json,
+)
 
 log = get_logger(__name__)
 
@@ -345,7 +355,7 @@ def _build(bb: MuslBusybox, root: Path, progress: Progress) -> None:
         say(progress, f"busybox built with musl in {time.monotonic() - t0:.0f} s: {bb.path}")
     finally:
         rmtree(tmp)
-    _prune(root, keep=KEEP_BUILDS)
+    prune_builds(root, keep=KEEP_BUILDS)     # an image holds its own copy of the busybox it got
 
 
 def _unpack(files: List[Path], tmp: Path, tools: Dict[str, str], logf: Any) -> Path:
@@ -384,11 +394,3 @@ def _run(argv: List[str], cwd: Path, tools: Dict[str, str], logf: Any, stdin: by
                          fix="install what it names (`make setup`); meanwhile the guest uses the host's "
                              "busybox-static")
 
-
-def _prune(root: Path, keep: int) -> None:
-    """Remove all but the *keep* newest builds (an image holds its own copy of the busybox it got)."""
-    built = sorted((d for d in root.iterdir() if d.is_dir() and (d / "build.json").is_file()),
-                   key=lambda d: (d / "build.json").stat().st_mtime, reverse=True)
-    for d in built[keep:]:
-        rmtree(d)
-        (root / f"build-{d.name}.log").unlink(missing_ok=True)

@@ -38,7 +38,17 @@ from ..errors import ImageError
 from ..tools import need_tool, run_tool, tail
 from .debian import download_deb, find_deb
 from .guesttools import gcc_version
-from .util import DEFAULT_GUEST_DIR, Progress, exclusive_lock, resolve_guest_dir, rmtree, say, umask, write_json
+from .util import (
+    DEFAULT_GUEST_DIR,
+    Progress,
+    exclusive_lock,
+    prune_builds,
+    resolve_guest_dir,
+    rmtree,
+    say,
+    umask,
+    write_json,
+)
 
 #: Bump when the build recipe changes what it produces; part of the key.
 KERNEL_BUILDER = "vmlab-kernel-1"
@@ -193,16 +203,7 @@ def _build(k: LessonKernel, kernels: Path, progress: Progress) -> None:
         say(progress, f"lesson kernel {release} built in {time.monotonic() - t0:.0f} s: {k.dir}")
     finally:
         rmtree(tmp)
-    _prune(kernels, keep=KEEP_KERNELS)
-
-
-def _prune(kernels: Path, keep: int) -> None:
-    """Remove all but the *keep* newest built kernels (an image holds its own copy of what it boots)."""
-    built = sorted((d for d in kernels.iterdir() if d.is_dir() and (d / "build.json").is_file()),
-                   key=lambda d: (d / "build.json").stat().st_mtime, reverse=True)
-    for d in built[keep:]:
-        rmtree(d)
-        (kernels / f"build-{d.name}.log").unlink(missing_ok=True)
+    prune_builds(kernels, keep=KEEP_KERNELS)     # an image holds its own copy of what it boots
 
 
 def _configure(k: LessonKernel, src: Path, tools: Dict[str, str], log: IO[str], progress: Progress) -> None:

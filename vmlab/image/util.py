@@ -69,6 +69,15 @@ def cached_sha256(path: Path, cache_file: Path) -> str:
     return digest
 
 
+def prune_builds(root: Path, keep: int) -> None:
+    """Remove all but the *keep* newest builds in *root* (``<key>/build.json`` dirs) and their ``build-<key>.log``."""
+    built = sorted((d for d in root.iterdir() if d.is_dir() and (d / "build.json").is_file()),
+                   key=lambda d: (d / "build.json").stat().st_mtime, reverse=True)
+    for d in built[keep:]:
+        rmtree(d)
+        (root / f"build-{d.name}.log").unlink(missing_ok=True)
+
+
 def rmtree(path: Path) -> None:
     """Remove a tree, including read-only directories (as extracted from packages)."""
     def onerror(func: Callable[[str], object], p: str, _exc_info: object) -> None:

@@ -43,7 +43,7 @@ SERIAL_MODULES = {"test_classroom", "test_hosted_sharing", "test_cpu_platform"}
 
 
 @pytest.hookimpl(tryfirst=True)
-def copy_built_kernels(dest_cache: Path, *, link: bool = False) -> None:
+def copy_builds(dest_cache: Path, *, link: bool = False) -> None:
     """Put the built lesson kernels and guest busybox of this cache into *dest_cache* (hard links with *link*), so
     that a test's fresh cache builds its image in seconds instead of compiling them again (8 minutes, 40 s)."""
     import shutil

@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import copy_built_kernels, qemu_children
+from conftest import copy_builds, qemu_children
 
 from vmlab import VM, ExperimentError, ImageError, StateError, VMError, VMTimeout
 from vmlab.measure import Rows
@@ -443,7 +443,7 @@ def _seed_cache(dest: Path) -> Path:
                 os.link(p, dest / "downloads" / p.name)
             except OSError:
                 shutil.copy(p, dest / "downloads" / p.name)
-    copy_built_kernels(dest, link=True)
+    copy_builds(dest, link=True)
     return dest
 
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import copy_built_kernels
+from conftest import copy_builds
 
 from vmlab import NIC, VM
 from vmlab.config import cache_dir
@@ -214,7 +214,7 @@ def _nobody_cache() -> Path:
     for p in [*src.glob("*.deb"), src / "apt-resolve.json"]:
         if p.is_file():
             shutil.copy(p, base / "cache" / "downloads" / p.name)
-    copy_built_kernels(base / "cache")
+    copy_builds(base / "cache")
     for p in [base, *base.rglob("*")]:
         os.chown(p, NOBODY, NOBODY)
     os.chmod(base, 0o700)

@@ -93,7 +93,7 @@ def ensure_image(force: bool = False, progress: Callable[[str], None] | None = N
     ``VMLAB_VERIFY_IMAGE=1`` or ``force``). A damaged cached image is rebuilt. *guest_kernel*
     (``"lesson"`` or ``"debian"``) overrides ``VMLAB_GUEST_KERNEL``; the first build of the
     lesson kernel takes minutes (:mod:`vmlab.image.lessonkernel`), later images reuse it; so does the first
-    build of the guest's busybox (:mod:`vmlab.image.busybox`, about 20 s), which *retry_busybox* tries again
+    build of the guest's busybox (:mod:`vmlab.image.busybox`, about 40 s), which *retry_busybox* tries again
     if it failed within the hour.
     """
     with umask(0o077):

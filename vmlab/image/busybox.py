@@ -46,6 +46,7 @@ from ..errors import ImageError, SetupError
 from ..log import get_logger
 from ..tools import need_tool, run_tool, tail
 from .guesttools import check_static, find_busybox, gcc_version
+from .lessonkernel import missing_options, parse_config
 from .util import (
     Progress,
     cached_sha256,
@@ -276,19 +277,6 @@ def fetch_source(f: SourceFile, downloads: Path, progress: Progress, timeout: fl
 
 
 # --------------------------------------------------------------------------- the build
-def config_lines(text: str) -> Dict[str, str]:
-    """A busybox ``.config``'s options: ``CONFIG_X`` -> value, ``n`` for ``# CONFIG_X is not set``."""
-    out: Dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("CONFIG_") and "=" in line:
-            k, v = line.split("=", 1)
-            out[k] = v
-        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-            out[line[2:-len(" is not set")]] = "n"
-    return out
-
-
 def musl_config(debian: str) -> str:
     """Debian's configuration with :data:`MUSL_OFF` turned off (ImageError if one of them is not in it)."""
     lines = debian.splitlines()
@@ -300,12 +288,6 @@ def musl_config(debian: str) -> str:
         for i in at:
             lines[i] = f"# {opt} is not set"
     return "\n".join(lines) + "\n"
-
-
-def config_drift(wanted: str, final: str) -> List[str]:
-    """Options of *wanted* that ``make oldconfig`` changed (a dependency missing under musl, or a new option)."""
-    w, f = config_lines(wanted), config_lines(final)
-    return [f"{k}={v} (got {f.get(k, 'n')})" for k, v in w.items() if f.get(k, "n") != v]
 
 
 def _tools() -> Dict[str, str]:
@@ -329,7 +311,7 @@ def _build(bb: MuslBusybox, root: Path, progress: Progress) -> None:
             wanted = musl_config("".join((src / p).read_text() for p in DEBIAN_CONFIG))
             (src / ".config").write_text(wanted)
             _run(["make", "oldconfig"], src, tools, logf, stdin=b"\n" * 4096)
-            drift = config_drift(wanted, (src / ".config").read_text())
+            drift = missing_options(parse_config(wanted), parse_config((src / ".config").read_text()))
             if drift:
                 raise ImageError(f"busybox's configuration changed {len(drift)} option(s) under musl: "
                                  + ", ".join(drift[:8]), fix=f"update MUSL_OFF in {__file__}")

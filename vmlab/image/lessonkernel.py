@@ -106,8 +106,13 @@ def fragment_options(path: Path) -> Dict[str, str]:
 
 def config_options(path: Path) -> Dict[str, str]:
     """A kernel ``.config``'s options (``n`` for ``# CONFIG_X is not set``)."""
+    return parse_config(path.read_text())
+
+
+def parse_config(text: str) -> Dict[str, str]:
+    """The options of a kconfig ``.config`` text (the kernel's or busybox's; ``n`` for ``# CONFIG_X is not set``)."""
     out: Dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         m = _OPTION.match(line) or _UNSET.match(line)
         if m:
             out[m.group(1)] = m.group(2) if m.lastindex == 2 else "n"

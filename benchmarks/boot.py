@@ -7,9 +7,10 @@ own boot; not a target, shown so the yardstick's kernel is never hidden).
 
 Figures (repeats; the runner reports median and spread): plain_boot_s, cold_boot_s (start() called to the
 agent ready), cold_vs_plain (each cold boot over the median plain boot), warm_boot_s, warm_vs_plain,
-warm_vs_cold, warm_restored, run_roundtrip_ms (run("true") wall time), qemu_rss_mib; where the round trip goes:
-ping_ms (the agent channel and the host's asyncio, no process in the guest) and run_guest_ms (the guest's own
-spawn-to-exit time of ``sh -c true``, measured in the guest), run_cpu_ms and ping_cpu_ms (QEMU's CPU time per call:
+warm_vs_cold, warm_restored, run_roundtrip_ms (run("true") wall time: a plain command, which the agent execs without
+the shell), run_shell_ms (run("true ;"): the same through ``sh -c``, as every command that is not plain),
+qemu_rss_mib; where the round trip goes: ping_ms (the agent channel and the host's asyncio, no process in the guest)
+and run_guest_ms (the guest's own spawn-to-exit time of ``true``, measured in the guest), run_cpu_ms and ping_cpu_ms (QEMU's CPU time per call:
 the work of one call, which a loaded host stretches far less than wall time); qemu_rss_warm_mib (a warm-restored guest: QEMU skips
 loading the kernel and initramfs files on an incoming migration); and the same boots in QEMU's
 CPU seconds to the moment they are ready (plain_cpu_s, cold_cpu_s, cold_cpu_vs_plain, warm_cpu_vs_plain): the
@@ -47,7 +48,7 @@ def _ready_cpu(vm: VM) -> float:
 
 #: the figures measured directly (lists of repeats); the ratios are computed from them at the end
 MEASURED = ("plain_boot_s", "plain_lesson_boot_s", "cold_boot_s", "cold_cpu_s", "warm_boot_s", "warm_cpu_s", "run_roundtrip_ms", "run_guest_ms",
-            "ping_ms", "run_cpu_ms", "ping_cpu_ms", "qemu_rss_mib", "qemu_rss_warm_mib")
+            "run_shell_ms", "ping_ms", "run_cpu_ms", "ping_cpu_ms", "qemu_rss_mib", "qemu_rss_warm_mib")
 
 
 def measure(quick: bool = False) -> Dict[str, Any]:
@@ -76,6 +77,7 @@ def measure(quick: bool = False) -> Dict[str, Any]:
                 c2 = process_cpu_seconds(pid)
                 f["run_cpu_ms"].append((c1 - c0) / roundtrips * 1e3)
                 f["ping_cpu_ms"].append((c2 - c1) / roundtrips * 1e3)
+                f["run_shell_ms"] += [vm.run("true ;").wall_s * 1e3 for _ in range(roundtrips)]
                 f["qemu_rss_mib"].append(vm.qemu_rss_bytes() / 2**20)
     finally:
         yardstick.close()

@@ -128,6 +128,47 @@ def test_a_command_starts_as_a_fresh_process(vm):
     assert vm.run("echo still here").stdout == "still here\n"
 
 
+#: plain commands (only words of letters, digits and _./+,:=%@-), each with an answer that does not change between two runs
+PLAIN_COMMANDS = [
+    "true", "false", "echo a  b", "  echo   lead  ", "echo --help", "true --help", "test -d /proc", "test -f /nope",
+    "nosuch", "/nosuch", "/etc/hostname", "/root/noshebang x", "/root/shebang y", "cat /nope", "uname -r", "id",
+    "pwd", "printf %s x", "busybox echo hi", "vmbench --help", "dd if=/dev/zero of=/dev/null bs=1k count=3",
+    "grep -E Sig /proc/self/status", "cat /proc/self/cmdline", "readlink /proc/self/exe", "ls /proc/self/fd",
+    "ps -o comm", "env",
+]
+
+
+def test_a_plain_command_runs_without_the_shell_and_gets_what_sh_c_would_give_it(vm):
+    """The agent execs a plain command itself (vmagent.c, "Plain commands"): every answer equals the shell's.
+    ``CMD ;`` is the same command through ``sh -c`` (the ``;`` makes it not plain)."""
+    vm.run("printf 'echo script $0 $1\\n' >/root/noshebang; printf '#!/bin/sh\\necho sb $0 $1\\n' >/root/shebang; "
+           "chmod +x /root/noshebang /root/shebang")
+    # the image lists busybox's applets for the agent, which runs them in preference to PATH as ash does
+    assert vm.run("cat /etc/vmlab/applets").stdout.split() == sorted(vm.run("busybox --list").stdout.split())
+    # the plain path was taken: ps, an applet ash runs inside its own process, sees itself as ps, not sh -c
+    plain, shell = (vm.run(c).stdout.splitlines() for c in ("ps -o args", "ps -o args ;"))
+    assert "ps -o args" in plain and not any("sh -c" in line for line in plain), plain
+    assert "{ps} sh -c ps -o args ;" in shell and "ps -o args" not in shell, shell
+    for cmd in PLAIN_COMMANDS:
+        a, b = vm.run(cmd, check=False), vm.run(cmd + " ;", check=False)
+        got = [(r.status, sorted(r.stdout.splitlines()) if cmd == "env" else r.stdout, r.stderr) for r in (a, b)]
+        assert got[0] == got[1], (cmd, got)
+    # what those answers say: errors are the shell's own, ash's environment and its ignored SIGQUIT
+    assert vm.run("nosuch", check=False).stderr == "sh: nosuch: not found\n"
+    assert vm.run("/etc/hostname", check=False).status == 126
+    assert vm.run("/root/noshebang x").stdout == "script /root/noshebang x\n"
+    env = vm.run("env").stdout.splitlines()
+    assert "SHLVL=2" in env and "PWD=/" in env, env
+    assert "SigIgn:\t0000000000000004" in vm.run("grep -E Sig /proc/self/status").stdout.splitlines()
+    # its own session, stdin /dev/null, SCHED_OTHER, like a shell run() starts
+    stat = vm.run("cat /proc/self/stat").stdout.split()
+    assert stat[0] == stat[5] and stat[40] == "0", stat
+    assert vm.run("stat -L -c %t:%T /proc/self/fd/0").stdout == "1:3\n"
+    # an applet is busybox's even where /bin has another program of its name (ash prefers applets)
+    vm.run("rm /bin/nproc; ln -s vmbench /bin/nproc")
+    assert vm.run("nproc").stdout == vm.run("nproc ;").stdout == "1\n"
+
+
 def test_lifecycle_events(image):
     vm = VM(accel="tcg", image=image, name="life")
     try:

@@ -47,9 +47,10 @@ from .rootfs import build_rootfs
 from .util import Progress, cached_sha256, resolve_guest_dir, rmtree, say, sha256_file, umask, write_json
 
 #: Bump when the builder changes what it produces; it is part of every key.
-BUILDER_VERSION = "vmlab-image-6"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped;
+BUILDER_VERSION = "vmlab-image-7"   # 2: hv and its guest programs (/bin/hv, /lib/hv/); 3: module signatures stripped;
 # 4: vmlinux's zero tails not stored, initrd.lz4 booted; 5: initrd.lz4 without the optional modules, initrd-all.lz4,
-# guest tools stripped; 6: vmlinux without its symbol table and section headers (QEMU starts ~10 ms sooner)
+# guest tools stripped; 6: vmlinux without its symbol table and section headers (QEMU starts ~10 ms sooner);
+# 7: /etc/vmlab/applets (the agent runs a plain command without the shell, as ash would)
 
 
 #: device nodes every initramfs gets (creating them as files needs root)

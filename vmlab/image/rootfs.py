@@ -102,7 +102,8 @@ def build_rootfs(dest_dir: Path, *, kernel_version: str, guest_dir: Optional[Pat
 
 
 def _install_busybox(bb: Path, dest: Path) -> dict[str, Any]:
-    """busybox as /bin/busybox, a link per applet (the guest tools' names left free)."""
+    """busybox as /bin/busybox, a link per applet (the guest tools' names left free), and the applet names in
+    ``/etc/vmlab/applets``: the agent runs a plain command's applet as ash would, in preference to PATH."""
     check_static(bb)
     for d in _DIRS:
         (dest / d).mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,9 @@ def _install_busybox(bb: Path, dest: Path) -> dict[str, Any]:
     os.chmod(dest / "bin" / "busybox", 0o755)
     reserved = {"busybox", *(t.name for t in GUEST_TOOLS)}
     linked = 0
-    for a in busybox_applets(bb):
+    applets = busybox_applets(bb)
+    (dest / "etc" / "vmlab" / "applets").write_text("".join(a + "\n" for a in applets))
+    for a in applets:
         if a in reserved or os.path.lexists(dest / "bin" / a):
             continue
         os.symlink("busybox", dest / "bin" / a)

@@ -314,10 +314,20 @@ static void load_applets(void)
         if (!line[0])
             continue;
         if (n_applets == cap) {
-            cap = cap ? 2 * cap : 512;
-            applets = realloc(applets, cap * sizeof *applets);
+            char **more = realloc(applets, (cap = cap ? 2 * cap : 512) * sizeof *applets);
+            if (!more)
+                break;
+            applets = more;
         }
-        applets[n_applets++] = strdup(line);
+        if (!(applets[n_applets] = strdup(line)))
+            break;
+        n_applets++;
+    }
+    if (ferror(f) || !feof(f)) {
+        logc("cannot load %s: every command goes through the shell", APPLETS_FILE);
+        fclose(f);
+        applets = NULL;
+        return;
     }
     fclose(f);
     qsort(applets, n_applets, sizeof *applets, cmp_str);
@@ -330,6 +340,10 @@ static void load_applets(void)
     while (environ[n_env])
         n_env++;
     child_env = calloc(n_env + 4, sizeof *child_env);
+    if (!child_env) {
+        applets = NULL;
+        return;
+    }
     for (size_t i = 0; i < n_env; i++) {
         int from_ash = 0;
         for (size_t v = 0; v < sizeof env_from_ash / sizeof *env_from_ash; v++) {
@@ -379,6 +393,10 @@ static int plain_command(const char *cmd)
     for (size_t i = 0; i < sizeof shell_words / sizeof *shell_words; i++)
         if (!strcmp(plain_argv[0], shell_words[i]))
             return 0;
+    /* the four built-ins are left to ash unless busybox has them as applets too */
+    if ((!strcmp(plain_argv[0], "true") || !strcmp(plain_argv[0], "false") || !strcmp(plain_argv[0], "echo") ||
+         !strcmp(plain_argv[0], "test")) && !is_applet(plain_argv[0]))
+        return 0;
     return argc;
 }
 

@@ -286,6 +286,7 @@ static struct job *job_by_id(long id)
 static char **applets;          /* sorted; NULL: no list, so no plain commands */
 static size_t n_applets;
 static char **child_env;        /* the environment ash would give its commands */
+static const char *child_path;  /* its PATH */
 static char plain_buf[4096];
 static char *plain_argv[MAX_WORDS + 1];
 
@@ -355,10 +356,12 @@ static void load_applets(void)
     }
     if (asprintf(&child_env[k++], "SHLVL=%s", num) < 0 ||
         (pwd && asprintf(&child_env[k++], "PWD=%s", pwd) < 0) ||
-        asprintf(&child_env[k++], "PATH=%s", path ? path : "/sbin:/usr/sbin:/bin:/usr/bin") < 0) {
+        asprintf(&child_env[k], "PATH=%s", path ? path : "/sbin:/usr/sbin:/bin:/usr/bin") < 0) {
         logc("out of memory");
         applets = NULL;
+        return;
     }
+    child_path = child_env[k] + 5;
 }
 
 /* Split CMD into plain_argv if it is a plain command (above); the number of words, or 0. */
@@ -403,7 +406,7 @@ static int plain_command(const char *cmd)
 /* In the spawned child: exec a plain command as ash would; returns only if it could not. */
 static void exec_plain(char **argv)
 {
-    const char *path = NULL;
+    const char *path = child_path;
     char file[4096];
     signal(SIGQUIT, SIG_IGN);
     if (strchr(argv[0], '/')) {
@@ -419,9 +422,6 @@ static void exec_plain(char **argv)
         }
         execve("/bin/sh", argv, child_env);
     } else {
-        for (char **e = child_env; *e; e++)
-            if (!strncmp(*e, "PATH=", 5))
-                path = *e + 5;
         while (path) {
             const char *end = strchr(path, ':');
             size_t dl = end ? (size_t)(end - path) : strlen(path);

@@ -60,7 +60,7 @@ class GuestMixin(VMCore):
         The command gets what ``/bin/sh -c COMMAND`` would give it: a fresh process in its own session, stdin
         ``/dev/null``. A plain command (words of letters, digits and ``_./+,:=%@-`` only, e.g. ``uname -r``)
         is exec'd by the guest agent as the shell would exec it, without starting the shell: the same answers,
-        ~0.3 ms sooner here (docs/boot.md, "Plain commands without the shell").
+        0.3-1 ms sooner on the AMD test machine (docs/boot.md, "Plain commands without the shell").
         With ``check=True`` (the default) a non-zero exit raises GuestError.
         """
         if not isinstance(command, str) or not command.strip():
